@@ -1,0 +1,226 @@
+"""`zoo`: the command line.
+
+Start-up stays fast: torch and transformers are imported only inside the commands that compute.
+Anticipated errors print one line (`error: ...`) and exit with 2; `--json` on read commands prints
+machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from zoo.errors import USER_ERRORS
+
+app = typer.Typer(
+    name="zoo",
+    help="A model-zoo registry and composition tool for parameter-efficient adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RegistryOpt = Annotated[
+    Optional[Path],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of an adapter manifest."""
+    from zoo.manifest import manifest_schema
+
+    print_json(manifest_schema())
+
+
+@app.command()
+def add(
+    path: Annotated[Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")],
+    name: Annotated[Optional[str], typer.Option(help="Registry name (default: the folder's name).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="What the adapter does, e.g. 'sentiment'.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="A tag (repeatable).")] = None,
+    license: Annotated[Optional[str], typer.Option(help="License id, e.g. apache-2.0.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept an adapter_model.bin pickle (loaded with weights_only=True).")] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an adapter folder into the store and register it (hashes and sizes are measured)."""
+    from zoo import api
+    from zoo.units import human_bytes
+
+    m = api.add(path, name=name, task=task, tags=tag or (), license=license, allow_pickle=allow_pickle, registry=registry)
+    if as_json:
+        return print_json(m.model_dump(mode="json"))
+    weights = m.file("adapter_model.safetensors")
+    typer.echo(
+        f"added {m.ref}: {m.method.method} r={m.method.r}, {m.size.trainable_params:,} params, "
+        f"{human_bytes(m.size.bytes)}, sha256 {weights.sha256[:12] if weights else '?'}"
+    )
+
+
+def _manifest_row(m) -> list[str]:
+    from zoo.units import human_bytes
+
+    ranks = sorted({m.method.r, *m.method.rank_pattern.values()})
+    return [
+        m.name, str(m.version), m.method.method, "/".join(map(str, ranks)), m.base_model.name_or_path or "-",
+        m.task or "-", f"{m.size.trainable_params:,}", human_bytes(m.size.bytes),
+    ]
+
+
+@app.command("list")
+def list_(
+    base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model (substring).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Only this method, e.g. lora.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List registered adapters (every version)."""
+    from zoo import api
+
+    found = api.list_adapters(base=base, method=method, task=task, registry=registry)
+    if as_json:
+        return print_json([m.model_dump(mode="json") for m in found])
+    from rich.table import Table
+
+    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
+    for col, justify in [("name", "left"), ("ver", "right"), ("method", "left"), ("rank", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
+        table.add_column(col, justify=justify)
+    for m in found:
+        table.add_row(*_manifest_row(m))
+    console().print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one adapter's manifest."""
+    from zoo import api
+
+    m = api.show(name, registry=registry)
+    if as_json:
+        return print_json(m.model_dump(mode="json"))
+    from rich.table import Table
+
+    from zoo.units import human_bytes
+
+    c = console()
+    c.print(f"[bold]{m.ref}[/]  {m.method.method}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}  task_type={m.task_type or '-'}")
+    c.print(f"config: {m.method.model_dump(exclude_defaults=True)}")
+    c.print(f"size: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}; source: {m.source.kind} {m.source.path or m.source.repo_id or ''}")
+    files = Table("file", "bytes", "sha256")
+    for f in m.files:
+        files.add_row(f.path, f"{f.size:,}", f.sha256)
+    c.print(files)
+
+
+@app.command()
+def remove(name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")], registry: RegistryOpt = None) -> None:
+    """Unregister an adapter (its blobs stay in the store while other adapters may share them)."""
+    from zoo import api
+
+    for m in api.remove(name, registry=registry):
+        typer.echo(f"removed {m.ref}")
+
+
+@app.command()
+def verify(
+    name: Annotated[Optional[str], typer.Argument(help="NAME or NAME@VERSION (default: everything).")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash stored files against their manifests; exit code 1 when anything is missing or corrupt."""
+    from zoo import api
+
+    results = api.verify(name, registry=registry)
+    bad = [r for r in results if r.problem]
+    if as_json:
+        print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            typer.echo(f"{'ok ' if not r.problem else 'BAD'} {r.ref} {r.path}{'' if not r.problem else ': ' + r.problem}")
+        typer.echo(f"{len(results) - len(bad)}/{len(results)} files intact")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    adapter: Annotated[str, typer.Argument(help="A registered NAME[@VERSION], an adapter folder, or a .safetensors file.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model folder or config.json, for the share of the base.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Size report of an adapter, read from the safetensors header only (never the tensor data)."""
+    from zoo import api
+    from zoo.inspect import inspect_adapter, render_inspect
+
+    path = Path(adapter)
+    if not path.exists():
+        path = api.open_store().adapter_dir(api.show(adapter, registry=registry))
+    report = inspect_adapter(path, base=base)
+    if as_json:
+        return print_json(report.model_dump(mode="json"))
+    render_inspect(report, console())
+
+
+@app.command()
+def estimate(
+    base: Annotated[str, typer.Option(help="The base's config.json, or a folder holding it (and zoo-architecture.json for remote-code models).")],
+    method: Annotated[str, typer.Option(help="Adapter method.")] = "lora",
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's defaults for the model type).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32.")] = "fp16",
+    as_json: JsonOpt = False,
+) -> None:
+    """Exact size of an adapter from the base's config alone (no weights are read or downloaded)."""
+    from zoo.estimate import estimate_adapter, render_estimate
+
+    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    report = estimate_adapter(base, method=method, rank=rank, targets=target_list, dtype=dtype)
+    if as_json:
+        return print_json(report.model_dump(mode="json"))
+    render_estimate(report, console())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        app(args=argv, prog_name="zoo", standalone_mode=False)
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as e:  # usage errors (typer's click): its own one-line message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

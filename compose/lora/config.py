@@ -1,0 +1,58 @@
+"""The typed LoRA configuration the engine computes with (torch-free).
+
+The fields mirror PEFT's `LoraConfig` names so a PEFT `adapter_config.json` maps onto it directly;
+`zoo.manifest` embeds this model as the `lora` member of its method union.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+def match_pattern_key(patterns: dict, module_name: str) -> str | None:
+    """The key of `patterns` that matches `module_name` the way PEFT matches `rank_pattern` keys.
+
+    A key matches when it equals the module name or a dotted suffix of it (keys are regexes).
+
+    >>> match_pattern_key({"layers.1.q_proj": 2}, "model.layers.1.q_proj")
+    'layers.1.q_proj'
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+class LoraConfig(BaseModel):
+    """One LoRA adapter's hyper-parameters: what `W + s·B·A` needs besides the tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora"] = "lora"
+    r: PositiveInt = Field(description="Default rank of the A/B factors.")
+    lora_alpha: float = Field(description="Default alpha; scaling is alpha/r (alpha/sqrt(r) with rsLoRA).")
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="Per-module rank overrides (PEFT pattern keys).")
+    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="Per-module alpha overrides (PEFT pattern keys).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (magnitude vector per output).")
+    fan_in_fan_out: bool = Field(False, description="The base stores weights as (in, out), as GPT-2's Conv1D does.")
+    lora_bias: bool = Field(False, description="lora_B carries a bias.")
+    target_modules: list[str] | str = Field(default_factory=list, description="Module-name suffixes, or one regex, that LoRA targets.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules stored as full trained copies (e.g. a classifier head).")
+
+    def rank_for(self, module_name: str) -> int:
+        key = match_pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = match_pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """s in W + s·B·A for this module."""
+        rank = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(rank) if self.use_rslora else rank)

@@ -1,0 +1,37 @@
+"""Test isolation: every test gets its own store and registry, and nothing reaches the network."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_zoo(tmp_path, monkeypatch):
+    """A fresh ZOO_HOME / registry per test; the Hub client is offline unless a test starts a server."""
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "zoo-home"))
+    monkeypatch.setenv("ZOO_REGISTRY", str(tmp_path / "zoo-home" / "registry.json"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return tmp_path
+
+
+@pytest.fixture
+def zoo_cli():
+    """`zoo_cli("list", "--json")` runs the CLI in-process and returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from cli.main import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        return code, out.getvalue(), err.getvalue()
+
+    return run

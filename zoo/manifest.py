@@ -1,0 +1,167 @@
+"""Typed manifests: what the registry records about one adapter.
+
+A manifest is computed from the files (sizes, ranks and hashes are measured, never trusted from input)
+and validated by pydantic; `zoo schema` prints its JSON Schema. The method is a discriminated union on
+`method.method`, one member per adapter method the engine implements.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compose.lora.config import LoraConfig
+from zoo.errors import ZooError
+
+#: One member per method; later methods join this union.
+MethodConfig = Annotated[Union[LoraConfig], Field(discriminator="method")]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_name(name: str) -> str:
+    """A registry name: letters, digits, '.', '_', '-' (no path separators, no '..')."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise ZooError(
+            f"invalid adapter name {name!r}",
+            "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def check_relative_path(path: str) -> str:
+    """A file path inside an adapter folder: relative, no '..', no control characters."""
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith(("/", "\\"))
+        or any(p in ("", ".", "..") for p in parts)
+        or any(ord(c) < 32 or c == "\\" for c in path)
+    ):
+        raise ZooError(f"invalid file path {path!r} in adapter", "file paths must be relative, without '..'")
+    return path
+
+
+def _as_value_error(check):
+    """Run a ZooError-raising check as a pydantic validator (pydantic wants ValueError)."""
+
+    def validate(value):
+        try:
+            return check(value)
+        except ZooError as e:
+            raise ValueError(e.message) from None
+
+    return AfterValidator(validate)
+
+
+AdapterName = Annotated[str, _as_value_error(check_name)]
+RelativePath = Annotated[str, _as_value_error(check_relative_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelRef(_Strict):
+    """The model an adapter was trained on."""
+
+    name_or_path: str | None = Field(None, description="Hub repo id or local path of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
+    model_type: str | None = Field(None, description="transformers model_type, e.g. 'llama'.")
+    architecture: str | None = Field(None, description="transformers class the adapter was trained on.")
+
+
+class DtypeSize(_Strict):
+    params: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class SizeInfo(_Strict):
+    """Measured from the weights file's header."""
+
+    trainable_params: int = Field(ge=0, description="Parameters stored in the adapter's weights.")
+    bytes: int = Field(ge=0, description="Bytes of tensor data (excluding the file header).")
+    by_dtype: dict[str, DtypeSize] = Field(default_factory=dict, description="Params and bytes per safetensors dtype.")
+
+
+class FileEntry(_Strict):
+    """One file of the adapter, content-addressed in the store."""
+
+    path: RelativePath = Field(description="File name inside the adapter folder.")
+    sha256: str = Field(description="Hex sha256 of the file's bytes.")
+    size: int = Field(ge=0, description="Bytes.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not SHA256_RE.match(v):
+            raise ValueError("must be 64 lowercase hex digits")
+        return v
+
+
+class Source(_Strict):
+    """Where the files came from, so they can be fetched again (`zoo verify --repair`)."""
+
+    kind: Literal["local", "hub"]
+    path: str | None = Field(None, description="Local folder (relative paths are relative to the registry file).")
+    repo_id: str | None = Field(None, description="Hub repo id.")
+    revision: str | None = Field(None, description="Resolved commit sha on the Hub.")
+    original_files: list[FileEntry] = Field(
+        default_factory=list, description="Files as found at the source when they were converted on import (e.g. a .bin pickle)."
+    )
+
+
+class Manifest(_Strict):
+    """Everything the registry knows about one version of one adapter."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["adapter"] = "adapter"
+    name: AdapterName
+    version: int = Field(1, ge=1)
+    method: MethodConfig
+    base_model: BaseModelRef = Field(default_factory=BaseModelRef)
+    task_type: str | None = Field(None, description="PEFT task_type, e.g. CAUSAL_LM, SEQ_CLS.")
+    size: SizeInfo
+    files: list[FileEntry]
+    source: Source
+    task: str | None = Field(None, description="What the adapter was trained for (free text, for `zoo list --task`).")
+    tags: list[str] = Field(default_factory=list)
+    license: str | None = None
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of the adapter config this version does not know, kept verbatim."
+    )
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
+
+    @property
+    def ref(self) -> str:
+        """`name@version`, the unambiguous handle."""
+        return f"{self.name}@{self.version}"
+
+    def file(self, path: str) -> FileEntry | None:
+        return next((f for f in self.files if f.path == path), None)
+
+
+def validation_message(error: ValidationError, what: str) -> str:
+    """One line naming the first invalid field of a pydantic error."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid {what}: field '{where}': {msg}{more}"
+
+
+def parse_manifest(data: Any, what: str = "manifest") -> Manifest:
+    """Validate a manifest dict; a `ZooError` names the offending field."""
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ZooError(validation_message(e, what)) from None
+
+
+def manifest_schema() -> dict:
+    """The manifest's JSON Schema (what `zoo schema` prints)."""
+    return Manifest.model_json_schema()
