@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
-        app(args=argv, prog_name="zoo", standalone_mode=False)
+        code = app(args=argv, prog_name="zoo", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
+            sys.exit(code)
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
