@@ -153,3 +153,18 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise ZooError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def save_adapter(
+    folder: Path, config: LoraConfig, state: dict[str, torch.Tensor], *, base_model: str | None, task_type: str | None
+) -> Path:
+    """Write a PEFT adapter folder (loadable by peft, vLLM and `zoo add`) from engine-keyed tensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_json = peft_config_from_lora(config, base_model=base_model, task_type=task_type)
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in add_prefix(state).items()}
+    save_file(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
+    return folder

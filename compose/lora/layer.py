@@ -1,0 +1,216 @@
+"""The LoRA layer: one base module plus any number of named adapters.
+
+For each active adapter, in order, the layer adds to the base output y = W·x + b
+
+    LoRA:  s·(B·A·x + β)                                  (β only with lora_bias)
+    DoRA:  (f − 1)·(y − b) + f·s·B·A·x,   f = m / ‖W + s·B·A‖_row   (norm detached)
+
+where y is the running output, as PEFT computes it (so a DoRA adapter also rescales the adapters
+before it). The adapter runs in its own dtype (fp32 over half-precision or quantized bases, as
+PEFT upcasts it): the input is cast to it and the sum cast back to the base output's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compose.errors import CompositionError
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' (GPT-2's Conv1D, weight stored (in, out)), 'bnb4', 'bnb8', or None if LoRA can't wrap it."""
+    bnb = {c.__name__ for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes")}
+    if bnb:  # bnb layers subclass nn.Linear, so look at them first
+        return "bnb4" if "Linear4bit" in bnb else "bnb8" if "Linear8bitLt" in bnb else None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    return None
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a module `base_kind` accepts."""
+    if base_kind(module) == "conv1d":
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype PEFT gives an adapter on `module`: fp64 over fp64, else fp32 (half and quantized bases upcast)."""
+    return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+
+
+class Delegating(nn.Module):
+    """A wrapper of `self.base_layer` that answers the look-ups it can't (`weight`, `in_features`, ...) from
+    `current_module()`, so code that reads e.g. `q_proj.weight.dtype` keeps working."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.current_module(), name)
+
+    def current_module(self) -> nn.Module:
+        return self.base_layer
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's tensors at one module: A (r, in), B (out, r), optional β (out,) and DoRA m (out,)."""
+
+    def __init__(
+        self,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        lora_bias: torch.Tensor | None = None,
+        magnitude: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        frozen = lambda t: None if t is None else nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.lora_A, self.lora_B = frozen(lora_A), frozen(lora_B)
+        self.lora_bias, self.magnitude = frozen(lora_bias), frozen(magnitude)
+        self.scaling = scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A as (out, in), in fp32 at least (half-precision matmuls are slow and lossy on CPU)."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+
+
+class LoraLayer(Delegating):
+    """Wraps a Linear, Conv1D or bitsandbytes 4/8-bit Linear (`base_layer`) and adds its adapters' outputs."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.kind = base_kind(base_layer)
+        if self.kind is None:
+            raise CompositionError(f"LoRA cannot wrap a {type(base_layer).__name__}; supported: Linear, Conv1D, bnb Linear4bit/Linear8bitLt")
+        self.quantized = self.kind in ("bnb4", "bnb8")
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[LoraAdapter, ...] = ()  # the forward's loop, resolved once by set_active
+        self.merged: list[tuple[LoraAdapter, torch.Tensor | None]] = []  # (adapter, DoRA factor f) in merge order
+        self._bias0: torch.Tensor | None = None  # the bias before merging, which DoRA's bias update needs
+
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Register `adapter` under `name` (inactive until `set_active` names it)."""
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` (and from the active ones)."""
+        if self.merged:
+            raise CompositionError("cannot remove an adapter from a merged LoRA layer; unmerge() it first")
+        adapter = self.adapters.pop(name)
+        self.active = tuple(ad for ad in self.active if ad is not adapter)
+
+    def set_active(self, names: list[str]) -> None:
+        """Activate the adapters in `names` that this layer holds, in that order (others are skipped)."""
+        if self.merged:
+            raise CompositionError("cannot change the active adapters of a merged LoRA layer; unmerge() it first")
+        self.active = tuple(self.adapters[n] for n in names if n in self.adapters)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.active:
+            return result
+        out_dtype = result.dtype
+        for ad in self.active:
+            x = x.to(ad.lora_A.dtype)
+            lora = F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias)
+            if ad.magnitude is None:
+                delta = lora * ad.scaling
+            else:
+                f = (ad.magnitude / self._dora_norm(ad, x.dtype)).view(1, -1)
+                bias = self.base_layer.bias
+                delta = (f - 1) * (result if bias is None else result - bias) + f * lora * ad.scaling
+            # PEFT's bnb layers cast each adapter's output back before adding; its Linear adds, then casts
+            result = result + (delta.to(out_dtype) if self.quantized else delta)
+        return result.to(out_dtype)
+
+    def _dora_norm(self, ad: LoraAdapter, dtype: torch.dtype) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row, in `dtype`, detached: DoRA treats it as a constant."""
+        with torch.no_grad():
+            weight = self.base_weight().to(dtype) + ad.scaling * (ad.lora_B @ ad.lora_A).to(dtype)
+            return torch.linalg.norm(weight, dim=1).to(dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """W as (out, in): a view of the base's weight, or a dequantized copy for bitsandbytes bases."""
+        weight = self.base_layer.weight
+        if self.kind == "bnb4":
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        if self.kind == "bnb8":
+            import bitsandbytes.functional as bnbf
+
+            scb = self.base_layer.state.SCB
+            return bnbf.int8_vectorwise_dequant(weight.data, weight.SCB if scb is None else scb)
+        return weight.T if self.kind == "conv1d" else weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapters into the base weight (and bias), in place, so forward is the base alone.
+
+        The same sequence the forward applies to y: LoRA adds s·B·A (and s·β); DoRA scales rows,
+        W ← f·(W + s·B·A) and b − b₀ ← f·(b − b₀), with f from the unmerged W as the forward has it.
+        """
+        if self.quantized:
+            raise CompositionError("cannot merge LoRA into a bitsandbytes-quantized layer; dequantize the model first")
+        if self.merged:
+            return
+        weight, bias = self.base_weight(), self.base_layer.bias  # weight is a view: writes reach the base
+        factors = [None if ad.magnitude is None else (ad.magnitude / self._dora_norm(ad, ad.lora_A.dtype)) for ad in self.active]
+        if any(ad.lora_bias is not None for ad in self.active) and bias is None:
+            raise CompositionError("cannot merge lora_bias into a layer without a bias; keep the adapter unmerged")
+        self._bias0 = None if bias is None else bias.detach().clone()
+        for ad, f in zip(self.active, factors):
+            delta = ad.delta_weight().to(weight.dtype)
+            if f is None:
+                weight += delta
+                if ad.lora_bias is not None:
+                    bias += (ad.lora_bias * ad.scaling).to(bias.dtype)
+            else:
+                weight.add_(delta).mul_(f.view(-1, 1))
+                if bias is not None:
+                    bias.copy_(self._bias0 + f * (bias - self._bias0))
+            self.merged.append((ad, f))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` (exact up to float rounding) so the adapters run in the forward again."""
+        weight, bias = self.base_weight(), self.base_layer.bias
+        while self.merged:
+            ad, f = self.merged.pop()
+            delta = ad.delta_weight().to(weight.dtype)
+            if f is None:
+                weight -= delta
+                if ad.lora_bias is not None:
+                    bias -= (ad.lora_bias * ad.scaling).to(bias.dtype)
+            else:
+                weight.div_(f.view(-1, 1)).sub_(delta)
+                if bias is not None:
+                    bias.copy_(self._bias0 + (bias - self._bias0) / f)
+
+
+class SavedModule(Delegating):
+    """A module (e.g. a classifier head) that adapters replace wholesale with trained copies (`modules_to_save`).
+
+    Runs the copy of the active adapter that has one, else the original `base_layer`.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+
+    def current_module(self) -> nn.Module:
+        return self.base_layer if self.active is None else self.copies[self.active]
+
+    def forward(self, *args, **kwargs):
+        return self.current_module()(*args, **kwargs)

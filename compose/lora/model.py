@@ -1,0 +1,226 @@
+"""Attach LoRA adapters to any transformers model in place, switch them, and take them off again.
+
+Targeted modules are swapped for a `LoraLayer` wrapping the original (which it keeps as
+`base_layer`); `modules_to_save` modules for a `SavedModule` holding each adapter's trained copy.
+Everything is checked before the model is touched, so a failed attach leaves it as it was.
+The model remembers its adapters (attach order and active list) in `model._compose_lora`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from compose.errors import CompositionError
+from compose.lora.config import LoraConfig
+from compose.lora.layer import LoraAdapter, LoraLayer, SavedModule, adapter_dtype, base_features, base_kind
+from compose.modules import get_module, replace_module, resolve_path
+
+#: PEFT tensor-name suffixes → LoraAdapter fields.
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_bias",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+
+
+def attach_lora(model: nn.Module, name: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
+    """Attach adapter `name` to `model` in place and make it active alongside the adapters already active.
+
+    Args:
+        model: any transformers model (or `nn.Module`), possibly loaded with `dtype`/`device_map` or quantized
+            by bitsandbytes. Adapter tensors go to each base layer's device, in fp32 (fp64 over fp64 bases).
+        name: the adapter's name, unique on this model.
+        config: its hyper-parameters; ranks must agree with the tensors, scaling comes from `config.scaling_for`.
+        state: tensors keyed relative to the transformers model, i.e. a PEFT safetensors key with the leading
+            `base_model.model.` removed: `<module>.lora_A.weight`, `<module>.lora_B.weight`, `<module>.lora_B.bias`
+            (lora_bias), `<module>.lora_magnitude_vector` (DoRA), and full tensors of `modules_to_save`
+            modules such as `classifier.weight`. Module paths may differ from the model's by its
+            `base_model_prefix` (an adapter trained on `XForCausalLM` loaded onto `XModel`, or back).
+
+    Raises:
+        CompositionError: `name` is taken; a module is missing, of an unsupported type, or merged; a tensor's
+            shape does not fit its module; the rank disagrees with the config; two active adapters would
+            replace the same `modules_to_save` module.
+    """
+    registry = _registry(model)
+    if name in registry["attached"]:
+        raise CompositionError(f"adapter '{name}' is already attached; detach_lora(model, '{name}') first or choose another name")
+    if any(isinstance(m, LoraLayer) and m.merged for m in model.modules()):
+        raise CompositionError(f"cannot attach adapter '{name}' while LoRA layers are merged; unmerge() them first")
+    lora, full = _split_state(state)
+    if not lora and not full:
+        raise CompositionError(f"adapter '{name}' has no tensors; check that its state dict was loaded")
+    targets = [_make_adapter(model, key, tensors, config) for key, tensors in lora.items()]
+    copies = [_make_copy(model, key, tensors, registry["active"]) for key, tensors in full.items()]
+
+    for path, adapter in targets:
+        layer = get_module(model, path)
+        if not isinstance(layer, LoraLayer):
+            layer = LoraLayer(layer)
+            replace_module(model, path, layer)
+        layer.add_adapter(name, adapter)
+    for path, module_copy in copies:
+        wrapper = get_module(model, path)
+        if not isinstance(wrapper, SavedModule):
+            wrapper = SavedModule(wrapper)
+            replace_module(model, path, wrapper)
+        wrapper.copies[name] = module_copy
+    registry["attached"].append(name)
+    set_active_adapters(model, registry["active"] + [name])
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make exactly `names` active, in that order (their deltas add; `[]` runs the base model).
+
+    Raises:
+        CompositionError: a name is not attached, two of them replace the same `modules_to_save` module,
+            or a layer is merged (unmerge it first).
+    """
+    registry = _registry(model)
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in registry["attached"]]
+    if unknown:
+        raise CompositionError(f"adapters {unknown} are not attached; attached: {registry['attached']}")
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
+    for path, m in layers:
+        if isinstance(m, LoraLayer) and m.merged:
+            raise CompositionError(f"LoRA layer '{path}' is merged; unmerge() it before changing the active adapters")
+        owners = [n for n in names if isinstance(m, SavedModule) and n in m.copies]
+        if len(owners) > 1:
+            raise CompositionError(f"adapters {owners} each replace module '{path}' (modules_to_save); activate only one of them")
+    for _, m in layers:
+        if isinstance(m, LoraLayer):
+            m.set_active(names)
+        else:
+            m.active = next((n for n in names if n in m.copies), None)
+    registry["active"] = names
+
+
+def detach_lora(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Take adapter `name` (None: all adapters) off `model` and return the model.
+
+    Modules left without adapters get their original objects back, so with everything detached
+    the model is the one that went in. Merged layers are unmerged first (exact up to float rounding).
+
+    Raises:
+        CompositionError: `name` is not attached.
+    """
+    registry = _registry(model)
+    if name is not None and name not in registry["attached"]:
+        raise CompositionError(f"adapter '{name}' is not attached; attached: {registry['attached']}")
+    names = set(registry["attached"]) if name is None else {name}
+    for path, m in list(model.named_modules()):
+        if isinstance(m, LoraLayer):
+            if m.merged:
+                m.unmerge()
+            for n in names & set(m.adapters):
+                m.remove_adapter(n)
+            if not m.adapters:
+                replace_module(model, path, m.base_layer)
+        elif isinstance(m, SavedModule):
+            for n in names & set(m.copies):
+                del m.copies[n]
+            m.active = m.active if m.active in m.copies else None
+            if not m.copies:
+                replace_module(model, path, m.base_layer)
+    registry["attached"] = [n for n in registry["attached"] if n not in names]
+    registry["active"] = [n for n in registry["active"] if n not in names]
+    return model
+
+
+def attached_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters attached to `model`, in attach order."""
+    return list(_registry(model)["attached"])
+
+
+def _registry(model: nn.Module) -> dict[str, list[str]]:
+    if getattr(model, "_compose_lora", None) is None:
+        model._compose_lora = {"attached": [], "active": []}
+    return model._compose_lora
+
+
+def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """LoRA tensors grouped by module path ({path: {field: tensor}}), and full tensors by owning module."""
+    lora: dict[str, dict] = {}
+    full: dict[str, dict] = {}
+    for key, tensor in state.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            lora.setdefault(key[: -len(suffix)], {})[_LORA_SUFFIXES[suffix]] = tensor
+        elif "lora_" in key:
+            raise CompositionError(f"tensor '{key}' is a LoRA tensor this engine does not support (Linear/Conv1D targets only)")
+        else:
+            owner, _, tensor_name = key.rpartition(".")
+            full.setdefault(owner, {})[tensor_name] = tensor
+    return lora, full
+
+
+def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig) -> tuple[str, LoraAdapter]:
+    """Check one module's LoRA tensors against the model and build its `LoraAdapter` (model untouched)."""
+    path = _resolve(model, key)
+    module = get_module(model, path)
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if base_kind(base) is None:
+        raise CompositionError(f"module '{path}' is a {type(base).__name__}; LoRA supports Linear, GPT-2 Conv1D and bitsandbytes Linear4bit/Linear8bitLt")
+    missing = {"lora_A", "lora_B"} - set(tensors)
+    if missing:
+        raise CompositionError(f"module '{key}' lacks {sorted(missing)}; the adapter file is incomplete")
+    a, b, bias, magnitude = (tensors.get(f) for f in ("lora_A", "lora_B", "lora_bias", "magnitude"))
+    n_in, n_out = base_features(base)
+    r = a.shape[0]
+    if a.shape != (r, n_in) or b.shape != (n_out, r):
+        raise CompositionError(
+            f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+            f"{type(base).__name__} (in {n_in}, out {n_out}); expected lora_A (r, {n_in}) and lora_B ({n_out}, r) — "
+            "the adapter was trained for a different model"
+        )
+    if r != config.rank_for(key):
+        raise CompositionError(f"module '{path}': the tensors have rank {r} but the config says {config.rank_for(key)} (r / rank_pattern); fix the adapter config")
+    if (magnitude is not None) != config.use_dora:
+        raise CompositionError(f"module '{path}': use_dora={config.use_dora} but the adapter {'has' if magnitude is not None else 'lacks'} lora_magnitude_vector; fix the adapter config")
+    if magnitude is not None and bias is not None:
+        raise CompositionError(f"module '{path}': DoRA with lora_bias is not supported (PEFT refuses it too)")
+    for field, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
+        if t is not None and t.shape != (n_out,):
+            raise CompositionError(f"module '{path}': {field} has shape {tuple(t.shape)}, expected ({n_out},) for the base's {n_out} outputs")
+    dtype, device = adapter_dtype(base), base.weight.device
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    # patterns (rank/alpha) name modules as the adapter was trained, so match on `key`, not `path`
+    return path, LoraAdapter(cast(a), cast(b), config.scaling_for(key), cast(bias), cast(magnitude))
+
+
+def _make_copy(model: nn.Module, key: str, tensors: dict, active: list[str]) -> tuple[str, nn.Module]:
+    """A copy of module `key` holding the adapter's full tensors (a `modules_to_save` entry)."""
+    path = _resolve(model, key)
+    module = get_module(model, path)
+    if isinstance(module, LoraLayer):
+        raise CompositionError(f"module '{path}' is a LoRA target of another adapter and cannot also be replaced (modules_to_save)")
+    clash = [n for n in active if isinstance(module, SavedModule) and n in module.copies]
+    if clash:
+        raise CompositionError(f"module '{path}' (modules_to_save) is already replaced by active adapter '{clash[0]}'; deactivate it with set_active_adapters first")
+    original = module.base_layer if isinstance(module, SavedModule) else module
+    own = dict(original.named_parameters(recurse=False))
+    own.update((n, b) for n, b in original.named_buffers(recurse=False) if n not in original._non_persistent_buffers_set)
+    if set(tensors) != set(own):
+        raise CompositionError(f"module '{path}' (modules_to_save): the adapter has tensors {sorted(tensors)} but the module has {sorted(own)}")
+    for n, t in tensors.items():
+        if t.shape != own[n].shape:
+            raise CompositionError(f"module '{path}.{n}' (modules_to_save): shape {tuple(t.shape)} does not fit the model's {tuple(own[n].shape)}; the adapter was trained with a different head (e.g. num_labels)")
+    module_copy = copy.deepcopy(original)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            getattr(module_copy, n).copy_(t)  # keeps the original's dtype and device
+    return path, module_copy
+
+
+def _resolve(model: nn.Module, key: str) -> str:
+    path = resolve_path(model, key)
+    if path is None:
+        prefix = getattr(model, "base_model_prefix", "")
+        raise CompositionError(f"module '{key}' not found in {type(model).__name__} (also tried with/without its base_model_prefix '{prefix}'); the adapter was trained for a different architecture")
+    return path

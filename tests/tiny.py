@@ -1,0 +1,105 @@
+"""Shared test helpers: tiny transformers models built from configs, and PEFT adapters made for them.
+
+PEFT is the oracle: `make_peft_adapter` trains nothing but saves an adapter whose every tensor
+matters (`init_lora_weights=False` so B ≠ 0; DoRA magnitudes and `modules_to_save` copies are
+perturbed so they differ from what the base alone would give), `load_adapter` reads it back the way
+the engine takes it, and `peft_model` loads it with `PeftModel.from_pretrained` for comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from compose.lora.config import LoraConfig
+
+VOCAB = 64
+
+
+def _built(cls, config, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # transformers zero-initialises biases; random ones exercise the code paths through them
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    return model
+
+
+def tiny_llama(seed: int = 0, causal: bool = True, hidden: int = 32) -> nn.Module:
+    """A 2-layer Llama (GQA: 4 heads, 2 KV heads); `LlamaForCausalLM` or, with causal=False, `LlamaModel`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    return _built(LlamaForCausalLM if causal else LlamaModel, config, seed)
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer `GPT2LMHeadModel` (its attention and MLP projections are transformers' Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return _built(GPT2LMHeadModel, config, seed)
+
+
+def tiny_bert(seed: int = 0, num_labels: int | None = 3) -> nn.Module:
+    """A 1-layer BERT: `BertForSequenceClassification` with `num_labels`, or a plain `BertModel` with None."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels or 2,
+    )
+    return _built(BertModel if num_labels is None else BertForSequenceClassification, config, seed)
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    """Random input ids in [1, VOCAB) (0 is the pad id)."""
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def make_peft_adapter(base: nn.Module, out_dir: str | Path, seed: int = 0, **lora_kwargs) -> Path:
+    """Save a PEFT LoRA adapter for `base` (left untouched) to `out_dir` and return the directory.
+
+    `lora_kwargs` go to `peft.LoraConfig` (e.g. `target_modules`, `r`, `use_dora`, `task_type`).
+    """
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:  # else m = ‖W + s·B·A‖ and DoRA's rescaling is exactly 1
+                p.mul_(0.5 + torch.rand_like(p))
+            elif "modules_to_save" in name:  # else the saved copy equals the original
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def load_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A saved PEFT adapter as the engine takes it: its config, and tensors keyed relative to the model."""
+    raw = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")
+    config = LoraConfig(
+        **{k: raw[k] for k in fields if raw.get(k) is not None},
+        target_modules=raw.get("target_modules") or [],
+        modules_to_save=raw.get("modules_to_save") or [],
+    )
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    return config, {k.removeprefix("base_model.model."): v for k, v in state.items()}
+
+
+def peft_model(base: nn.Module, adapter_dir: str | Path, name: str = "default") -> nn.Module:
+    """`PeftModel.from_pretrained` on a deep copy of `base`, in eval mode."""
+    import peft
+
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir), adapter_name=name).eval()
