@@ -102,8 +102,9 @@ def list_(
     from rich.table import Table
 
     table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
-    for col, justify in [("name", "left"), ("ver", "right"), ("method", "left"), ("rank", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
-        table.add_column(col, justify=justify)
+    table.add_column("name", no_wrap=True)
+    for col, justify in [("ver", "right"), ("method", "left"), ("rank", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
+        table.add_column(col, justify=justify, overflow="fold")
     for m in found:
         table.add_row(*_manifest_row(m))
     console().print(table)
@@ -178,7 +179,7 @@ def inspect(
 
     path = Path(adapter)
     if not path.exists():
-        path = api.open_store().adapter_dir(api.show(adapter, registry=registry))
+        path = api.adapter_folder(api.show(adapter, registry=registry), registry=registry)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))

@@ -9,11 +9,9 @@ the engine takes it, and `peft_model` loads it with `PeftModel.from_pretrained` 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from compose.lora.config import LoraConfig
@@ -87,15 +85,10 @@ def make_peft_adapter(base: nn.Module, out_dir: str | Path, seed: int = 0, **lor
 
 def load_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A saved PEFT adapter as the engine takes it: its config, and tensors keyed relative to the model."""
-    raw = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")
-    config = LoraConfig(
-        **{k: raw[k] for k in fields if raw.get(k) is not None},
-        target_modules=raw.get("target_modules") or [],
-        modules_to_save=raw.get("modules_to_save") or [],
-    )
-    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    return config, {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    from zoo.formats import peft as peft_format
+
+    config, _ = peft_format.lora_config_from_peft(peft_format.read_json_config(Path(adapter_dir) / peft_format.CONFIG_NAME))
+    return config, peft_format.strip_prefix(peft_format.load_state(Path(adapter_dir) / peft_format.SAFETENSORS_NAME))
 
 
 def peft_model(base: nn.Module, adapter_dir: str | Path, name: str = "default") -> nn.Module:

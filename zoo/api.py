@@ -144,7 +144,7 @@ def add(
         task_type=raw.get("task_type"),
         size=size,
         files=files,
-        source=Source(kind="local", path=str(folder.resolve()), original_files=[adapter.converted_from] if adapter.converted_from else []),
+        source=Source(kind="local", path=_source_path(folder, reg), original_files=[adapter.converted_from] if adapter.converted_from else []),
         task=task,
         tags=sorted(set(tags)),
         license=license,
@@ -156,6 +156,29 @@ def add(
         adapters.append(manifest)
     store.adapter_dir(manifest)
     return manifest
+
+
+def _source_path(folder: Path, reg: Registry) -> str:
+    """The folder as recorded: relative to the registry file when it lies beside it (a shipped index
+    such as the repo's registry.json stays valid wherever the repo is cloned), else absolute."""
+    folder, home = folder.resolve(), reg.path.parent.resolve()
+    return str(folder.relative_to(home)) if folder.is_relative_to(home) else str(folder)
+
+
+def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> Path:
+    """The stored folder of `manifest`; files missing from the store are fetched again from a local
+    source first (e.g. a registry shipped with its adapters), and must hash to the manifest's sha256."""
+    store = open_store()
+    missing = [f for f in manifest.files if not store.has(f)]
+    if missing and manifest.source.kind == "local" and manifest.source.path:
+        source = Path(manifest.source.path)
+        source = source if source.is_absolute() else open_registry(registry).path.parent / source
+        for f in missing:
+            if (source / f.path).is_file():
+                got = store.put(source / f.path, f.path)
+                if got.sha256 != f.sha256:
+                    raise ZooError(f"{source / f.path} changed since it was registered (sha256 {got.sha256[:12]}… != {f.sha256[:12]}…)", f"re-add it under a new name")
+    return store.adapter_dir(manifest)
 
 
 def list_adapters(
@@ -247,7 +270,7 @@ def resolve_adapter(item: str, *, registry: PathLike | None = None, allow_pickle
             raw.get("task_type"), (raw.get("auto_mapping") or {}).get("base_model_class"),
         )
     manifest = open_registry(registry).resolve(item)
-    folder = open_store().adapter_dir(manifest)
+    folder = adapter_folder(manifest, registry=registry)
     state = peft_format.load_state(folder / peft_format.SAFETENSORS_NAME)
     return ResolvedAdapter(manifest.name, manifest.method, peft_format.strip_prefix(state), manifest.task_type, manifest.base_model.architecture)
 

@@ -170,8 +170,8 @@ def estimate_adapter(
 def count_base_params(base: str | Path) -> int:
     """The base model's parameter count, without loading weights.
 
-    A folder with `*.safetensors` files is counted from their headers (exact, reads a few kB);
-    otherwise the count comes from its `config.json` (meta-device model or `zoo-architecture.json`).
+    A folder with `*.safetensors` files is counted from their headers (exact, reads a few kB; integer
+    tensors are buffers such as BERT's `position_ids`, not parameters, and are left out); otherwise the count comes from its `config.json` (meta-device model or `zoo-architecture.json`).
 
     Args:
         base: A model folder, or a `config.json`.
@@ -182,7 +182,7 @@ def count_base_params(base: str | Path) -> int:
     base = Path(base)
     shards = sorted(base.glob("*.safetensors")) if base.is_dir() else []
     if shards:
-        return sum(read_safetensors_header(s).numel for s in shards)
+        return sum(t.numel for s in shards for t in read_safetensors_header(s).tensors.values() if t.dtype.startswith(("F", "BF")))
     return _architecture(_config_path(base)).params
 
 
