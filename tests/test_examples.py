@@ -1,0 +1,61 @@
+"""The shipped example adapters and registry.json: hashes hold, and loading them on the real
+all-MiniLM-L6-v2 equals peft on the same weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.errors import ZooError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples.common import ADAPTERS, minilm_path  # noqa: E402
+
+SHIPPED = ROOT / "registry.json"
+
+
+def test_shipped_registry_matches_the_example_files():
+    results = {}
+    for m in zoo.list_adapters(registry=SHIPPED):
+        folder = zoo.api.adapter_folder(m, registry=SHIPPED)  # fetched from examples/ into an empty store
+        results[m.name] = [r.problem for r in zoo.verify(m.ref, registry=SHIPPED)]
+        assert (folder / "adapter_model.safetensors").read_bytes() == (ADAPTERS / m.name / "adapter_model.safetensors").read_bytes()
+    assert results == {"minilm-sentiment": [None, None], "minilm-topic": [None, None]}
+
+
+def test_a_changed_source_is_refused(tmp_path):
+    import shutil
+
+    registry = tmp_path / "registry.json"
+    shutil.copytree(ADAPTERS / "minilm-topic", tmp_path / "topic")
+    m = zoo.add(tmp_path / "topic", registry=registry)
+    blob = zoo.api.open_store().blob_path(m.file("adapter_model.safetensors").sha256)
+    blob.unlink()
+    data = bytearray((tmp_path / "topic" / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "topic" / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ZooError, match="changed since it was registered"):
+        zoo.api.adapter_folder(m, registry=registry)
+
+
+@pytest.mark.parametrize("adapters", [["minilm-sentiment"], ["minilm-sentiment", "minilm-topic"]])
+def test_real_minilm_equals_peft(adapters):
+    import peft
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    batch = tokenizer(["The soup was superb.", "What a miserable flight, honestly."], padding=True, return_tensors="pt")
+    ours = zoo.load(minilm_path(), adapters=adapters, registry=SHIPPED)
+    reference = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path()), str(ADAPTERS / adapters[0]), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        reference.load_adapter(str(ADAPTERS / name), adapter_name=name)
+    reference.base_model.set_adapter(adapters)
+    with torch.no_grad():
+        expected = reference.eval()(**batch).last_hidden_state
+        torch.testing.assert_close(ours(**batch).last_hidden_state, expected, atol=1e-5, rtol=0)
+        assert (expected - AutoModel.from_pretrained(minilm_path())(**batch).last_hidden_state).abs().max() > 1e-2
