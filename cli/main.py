@@ -78,9 +78,9 @@ def add(
 def _manifest_row(m) -> list[str]:
     from zoo.units import human_bytes
 
-    ranks = sorted({m.method.r, *m.method.rank_pattern.values()})
+    ranks = "/".join(map(str, sorted({m.method.r, *m.method.rank_pattern.values()}))) if m.kind == "adapter" else "+".join(x.name for x in m.members)
     return [
-        m.name, str(m.version), m.method.method, "/".join(map(str, ranks)), m.base_model.name_or_path or "-",
+        m.name, str(m.version), m.label, ranks, m.base_model.name_or_path or "-",
         m.task or "-", f"{m.size.trainable_params:,}", human_bytes(m.size.bytes),
     ]
 
@@ -103,7 +103,7 @@ def list_(
 
     table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
     table.add_column("name", no_wrap=True)
-    for col, justify in [("ver", "right"), ("method", "left"), ("rank", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
+    for col, justify in [("ver", "right"), ("method", "left"), ("rank / members", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
         table.add_column(col, justify=justify, overflow="fold")
     for m in found:
         table.add_row(*_manifest_row(m))
@@ -127,8 +127,13 @@ def show(
     from zoo.units import human_bytes
 
     c = console()
-    c.print(f"[bold]{m.ref}[/]  {m.method.method}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}  task_type={m.task_type or '-'}")
-    c.print(f"config: {m.method.model_dump(exclude_defaults=True)}")
+    c.print(f"[bold]{m.ref}[/]  {m.label}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}")
+    if m.kind == "adapter":
+        c.print(f"config: {m.method.model_dump(exclude_defaults=True)}  task_type={m.task_type or '-'}")
+    else:
+        c.print(f"members: {', '.join(f'{x.name}@{x.version}' for x in m.members)}")
+    if m.source.kind == "composition":
+        c.print(f"composed from {', '.join(x.name for x in m.source.members)}: {m.source.recipe}")
     c.print(f"size: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}; source: {m.source.kind} {m.source.path or m.source.repo_id or ''}")
     files = Table("file", "bytes", "sha256")
     for f in m.files:
@@ -203,6 +208,53 @@ def estimate(
     if as_json:
         return print_json(report.model_dump(mode="json"))
     render_estimate(report, console())
+
+
+@app.command()
+def compose(
+    adapters: Annotated[str, typer.Argument(help="Registered adapters joined by '+', e.g. sql+chat.")],
+    name: Annotated[str, typer.Option(help="Name of the new registry entry.")],
+    fusion: Annotated[str, typer.Option(help="stack (outputs add) | weighted (one new LoRA) | attention (AdapterFusion).")] = "stack",
+    weights: Annotated[Optional[str], typer.Option(help="weighted: comma-separated weights, may be negative (default: all 1).")] = None,
+    method: Annotated[str, typer.Option(help="weighted: cat | svd | linear | ties | dare_linear | dare_ties | magnitude_prune | *_svd.")] = "svd",
+    rank: Annotated[Optional[int], typer.Option(help="weighted, svd methods: rank of the result.")] = None,
+    density: Annotated[Optional[float], typer.Option(help="weighted, ties/dare/magnitude_prune: fraction kept.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for DARE masks and fusion initialisation.")] = 0,
+    base: Annotated[Optional[str], typer.Option(help="attention: the base model (default: the members' base).")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="attention: JSONL training data ({\"text\"} or {\"text\", \"label\"}).")] = None,
+    epochs: Annotated[int, typer.Option(help="attention: training epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="attention: learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="attention: batch size.")] = 16,
+    drop_train: Annotated[bool, typer.Option(help="attention: random AdapterDrop while training (robust to --drop at inference).")] = False,
+    prune_below: Annotated[Optional[float], typer.Option(help="attention: remove members whose mean fusion attention is below this.")] = None,
+    temperature: Annotated[float, typer.Option(help="attention: softmax temperature.")] = 1.0,
+    task: Annotated[Optional[str], typer.Option(help="Task label of the new entry.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compose registered adapters into a new entry: stack, weighted LoRA sum, or AdapterFusion."""
+    from zoo.composition import compose as compose_adapters
+    from zoo.units import human_bytes
+
+    weight_list = _floats(weights, "--weights") if weights else None
+    m = compose_adapters(
+        adapters, fusion=fusion, name=name, weights=weight_list, method=method, rank=rank, density=density, seed=seed,
+        base=base, train=train, epochs=epochs, lr=lr, batch_size=batch_size, drop_train=drop_train, prune_below=prune_below,
+        temperature=temperature, progress=not as_json, task=task, registry=registry,
+    )
+    if as_json:
+        return print_json(m.model_dump(mode="json"))
+    members = m.members if m.kind == "composition" else m.source.members
+    typer.echo(f"composed {m.ref} ({fusion}) from {'+'.join(x.name for x in members)}: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    from zoo.errors import ZooError
+
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ZooError(f"{option} {text!r} is not a comma-separated list of numbers", "e.g. --weights 0.7,0.3") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,8 @@
-"""The Python API: register adapters, look them up, load them onto a base model.
+"""The registry side of the Python API: add, list, show, remove and verify adapters.
 
     >>> import zoo
     >>> zoo.add("runs/my-lora", name="my-lora", task="sentiment")      # doctest: +SKIP
-    >>> model = zoo.load("meta-llama/Llama-3.2-1B", adapters=["my-lora"])  # doctest: +SKIP
-    >>> zoo.detach(model)                                              # doctest: +SKIP
+    >>> [m.ref for m in zoo.list_adapters(task="sentiment")]           # doctest: +SKIP
 
 Every function takes `registry=` (a path; default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
 """
@@ -14,18 +13,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from compose.lora.config import LoraConfig
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
-from zoo.manifest import BaseModelRef, DtypeSize, FileEntry, Manifest, SizeInfo, Source, check_name
+from zoo.manifest import AdapterManifest, BaseModelRef, DtypeSize, FileEntry, Manifest, SizeInfo, Source, check_name
 from zoo.paths import registry_path, zoo_home
 from zoo.registry import Registry
 from zoo.store import Store, sha256_file
-
-if TYPE_CHECKING:
-    import torch
 
 PathLike = str | os.PathLike
 
@@ -81,6 +77,17 @@ def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Pa
     return AdapterFolder(config, raw, unknown, weights, converted)
 
 
+def measure_tensors(weights: Path) -> SizeInfo:
+    """Params and bytes (total and per dtype) of a safetensors file, from its header."""
+    from zoo.formats.safetensors_header import read_safetensors_header
+
+    by_dtype: dict[str, DtypeSize] = {}
+    for t in read_safetensors_header(weights).tensors.values():
+        got = by_dtype.get(t.dtype, DtypeSize(params=0, bytes=0))
+        by_dtype[t.dtype] = DtypeSize(params=got.params + t.numel, bytes=got.bytes + t.nbytes)
+    return SizeInfo(trainable_params=sum(d.params for d in by_dtype.values()), bytes=sum(d.bytes for d in by_dtype.values()), by_dtype=by_dtype)
+
+
 def measure_size(weights: Path, config: LoraConfig) -> SizeInfo:
     """Sizes from the safetensors header; every module's rank must be the one the config gives it."""
     from zoo.inspect import inspect_adapter
@@ -92,11 +99,7 @@ def measure_size(weights: Path, config: LoraConfig) -> SizeInfo:
                 f"{row.module}: the weights have rank {row.rank}, the config says {config.rank_for(row.module)}",
                 "fix r / rank_pattern in adapter_config.json",
             )
-    return SizeInfo(
-        trainable_params=report.trainable_params,
-        bytes=report.total_bytes,
-        by_dtype={d.dtype: DtypeSize(params=d.params, bytes=d.bytes) for d in report.by_dtype},
-    )
+    return measure_tensors(weights)
 
 
 # --- registry operations ---------------------------------------------------------------------------
@@ -111,7 +114,7 @@ def add(
     license: str | None = None,
     allow_pickle: bool = False,
     registry: PathLike | None = None,
-) -> Manifest:
+) -> AdapterManifest:
     """Import a PEFT adapter folder into the store and register it.
 
     Sizes, ranks and hashes are measured from the files. A name that already exists is refused.
@@ -120,7 +123,24 @@ def add(
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP
     """
     folder = Path(path)
-    name = check_name(name or folder.resolve().name)
+    reg = open_registry(registry)
+    source = Source(kind="local", path=_source_path(folder, reg))
+    return register_folder(folder, name=name or folder.resolve().name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, registry=registry)
+
+
+def register_folder(
+    folder: Path,
+    *,
+    name: str,
+    source: Source,
+    task: str | None = None,
+    tags: Iterable[str] = (),
+    license: str | None = None,
+    allow_pickle: bool = False,
+    registry: PathLike | None = None,
+) -> AdapterManifest:
+    """Store a PEFT adapter folder's files and register them under `name` (see `add`)."""
+    name = check_name(name)
     reg = open_registry(registry)
     if reg.versions(name):
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
@@ -133,7 +153,9 @@ def add(
             store.put(adapter.weights, peft_format.SAFETENSORS_NAME),
         ]
     raw = adapter.raw_config
-    manifest = Manifest(
+    if adapter.converted_from:
+        source = source.model_copy(update={"original_files": [adapter.converted_from]})
+    manifest = AdapterManifest(
         name=name,
         method=adapter.config,
         base_model=BaseModelRef(
@@ -144,17 +166,22 @@ def add(
         task_type=raw.get("task_type"),
         size=size,
         files=files,
-        source=Source(kind="local", path=_source_path(folder, reg), original_files=[adapter.converted_from] if adapter.converted_from else []),
+        source=source,
         task=task,
         tags=sorted(set(tags)),
         license=license,
         extra_config=adapter.unknown_keys,
     )
-    with reg.transaction() as adapters:
-        if any(m.name == name for m in adapters):
-            raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
+    return register(manifest, registry=registry)
+
+
+def register(manifest: Manifest, *, registry: PathLike | None = None) -> Manifest:
+    """Add a manifest whose files are already in the store; refuses a name that exists."""
+    with open_registry(registry).transaction() as adapters:
+        if any(m.name == manifest.name for m in adapters):
+            raise ZooError(f"an adapter named {manifest.name!r} already exists", "pick another --name, or `zoo remove` it first")
         adapters.append(manifest)
-    store.adapter_dir(manifest)
+    open_store().adapter_dir(manifest)
     return manifest
 
 
@@ -184,12 +211,12 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
 def list_adapters(
     *, base: str | None = None, method: str | None = None, task: str | None = None, registry: PathLike | None = None
 ) -> list[Manifest]:
-    """Registered adapters (every version), filtered by base model, method and task."""
+    """Registered adapters (every version), filtered by base model, method (or composition kind) and task."""
     return [
         m
         for m in open_registry(registry).read()
         if (base is None or base in (m.base_model.name_or_path or ""))
-        and (method is None or m.method.method == method)
+        and (method is None or m.label == method)
         and (task is None or m.task == task)
     ]
 
@@ -233,122 +260,3 @@ def schema() -> dict:
     from zoo.manifest import manifest_schema
 
     return manifest_schema()
-
-
-# --- loading -------------------------------------------------------------------------------------------
-
-_AUTO_CLASS_FOR_TASK = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
-@dataclass
-class ResolvedAdapter:
-    """An adapter ready for the engine: its name, config, tensors (paths relative to the model)."""
-
-    name: str
-    config: LoraConfig
-    state: dict[str, torch.Tensor]
-    task_type: str | None
-    architecture: str | None
-
-
-def resolve_adapter(item: str, *, registry: PathLike | None = None, allow_pickle: bool = False) -> ResolvedAdapter:
-    """A registry reference ('name', 'name@2') or an adapter folder → config + tensors."""
-    if Path(item).is_dir():
-        with tempfile.TemporaryDirectory() as work:
-            adapter = read_adapter_folder(Path(item), allow_pickle=allow_pickle, workdir=Path(work))
-            state = peft_format.load_state(adapter.weights)
-        raw = adapter.raw_config
-        return ResolvedAdapter(
-            Path(item).resolve().name, adapter.config, peft_format.strip_prefix(state),
-            raw.get("task_type"), (raw.get("auto_mapping") or {}).get("base_model_class"),
-        )
-    manifest = open_registry(registry).resolve(item)
-    folder = adapter_folder(manifest, registry=registry)
-    state = peft_format.load_state(folder / peft_format.SAFETENSORS_NAME)
-    return ResolvedAdapter(manifest.name, manifest.method, peft_format.strip_prefix(state), manifest.task_type, manifest.base_model.architecture)
-
-
-def _num_labels(adapter: ResolvedAdapter) -> int | None:
-    """A classification head saved in modules_to_save fixes the label count (last Linear's out features)."""
-    heads = [k for k in adapter.state if k.endswith(".weight") and any(k.startswith(m + ".") or f".{m}." in k for m in adapter.config.modules_to_save)]
-    return adapter.state[max(heads, key=lambda k: k.count("."))].shape[0] if heads else None
-
-
-def load_base(
-    base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None, **kwargs: Any
-) -> torch.nn.Module:
-    """`from_pretrained` with the class the adapter was trained on (task type, else its recorded architecture)."""
-    import transformers
-
-    if model_class is None:
-        name = _AUTO_CLASS_FOR_TASK.get(task_type or "") or (architecture if hasattr(transformers, architecture or "") else "AutoModel")
-        model_class = getattr(transformers, name)
-    try:
-        return model_class.from_pretrained(base, **kwargs)
-    except OSError as e:
-        raise ZooError(f"cannot load base model {str(base)!r}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ZooError(f"base model {str(base)!r} needs its own (remote) code", "pass trust_remote_code=True (--trust-remote-code) if you trust it") from None
-        raise
-
-
-def load(
-    base: PathLike | torch.nn.Module,
-    adapters: str | Iterable[str] = (),
-    *,
-    registry: PathLike | None = None,
-    model_class: Any = None,
-    dtype: Any = None,
-    device_map: Any = None,
-    quantization_config: Any = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    **from_pretrained_kwargs: Any,
-) -> torch.nn.Module:
-    """Load `base` (a path, a Hub id, or a model you already built) with `adapters` attached and active.
-
-    `adapters` are registry references or adapter folders, as a list or 'a+b'. `dtype`, `device_map`
-    and `quantization_config` go to transformers' `from_pretrained` unchanged, so a base sharded by
-    accelerate or loaded in 4-bit works the same way. Returns the transformers model in eval mode, ready
-    for `forward`/`generate`; `zoo.detach(model)` takes the adapters off again.
-
-    Example:
-        >>> model = zoo.load("gpt2", adapters="poems+rhymes", dtype=torch.bfloat16)  # doctest: +SKIP
-    """
-    import torch
-
-    from compose.lora.model import attach_lora
-
-    resolved = [resolve_adapter(a, registry=registry, allow_pickle=allow_pickle) for a in split_adapters(adapters)] if adapters else []
-    if len({a.name for a in resolved}) != len(resolved):
-        raise ZooError("the same adapter is named twice", "list each adapter once")
-    if isinstance(base, torch.nn.Module):
-        model = base
-    else:
-        first = resolved[0] if resolved else None
-        kwargs = {k: v for k, v in dict(dtype=dtype, device_map=device_map, quantization_config=quantization_config).items() if v is not None}
-        if first and first.task_type in ("SEQ_CLS", "TOKEN_CLS") and "num_labels" not in from_pretrained_kwargs:
-            if (n := _num_labels(first)) is not None:
-                kwargs["num_labels"] = n
-        model = load_base(
-            base, task_type=first and first.task_type, architecture=first and first.architecture, model_class=model_class,
-            trust_remote_code=trust_remote_code, **kwargs, **from_pretrained_kwargs,
-        )
-    for adapter in resolved:
-        attach_lora(model, adapter.name, adapter.config, adapter.state)
-    return model.eval()
-
-
-def detach(model: torch.nn.Module, name: str | None = None) -> torch.nn.Module:
-    """Take adapter `name` (default: all) off a model returned by `load`, restoring the original modules."""
-    from compose.lora.model import detach_lora
-
-    return detach_lora(model, name)

@@ -11,8 +11,9 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from compose.fusion.config import FusionConfig
 from compose.lora.config import LoraConfig
 from zoo.errors import ZooError
 
@@ -103,37 +104,41 @@ class FileEntry(_Strict):
         return v
 
 
+class MemberRef(_Strict):
+    """One adapter inside a composition, pinned by version and by its weights' sha256."""
+
+    name: AdapterName
+    version: int = Field(ge=1)
+    sha256: str = Field(description="sha256 of the member's weights file when the composition was made.")
+
+
 class Source(_Strict):
     """Where the files came from, so they can be fetched again (`zoo verify --repair`)."""
 
-    kind: Literal["local", "hub"]
+    kind: Literal["local", "hub", "composition"]
     path: str | None = Field(None, description="Local folder (relative paths are relative to the registry file).")
     repo_id: str | None = Field(None, description="Hub repo id.")
     revision: str | None = Field(None, description="Resolved commit sha on the Hub.")
     original_files: list[FileEntry] = Field(
         default_factory=list, description="Files as found at the source when they were converted on import (e.g. a .bin pickle)."
     )
+    members: list[MemberRef] = Field(default_factory=list, description="kind=composition: the adapters this one was computed from.")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="kind=composition: how (e.g. method, weights, rank, seed).")
 
 
-class Manifest(_Strict):
-    """Everything the registry knows about one version of one adapter."""
+class _Entry(_Strict):
+    """What every registry entry has: identity, base, files, provenance, labels."""
 
     schema_version: Literal[1] = 1
-    kind: Literal["adapter"] = "adapter"
     name: AdapterName
     version: int = Field(1, ge=1)
-    method: MethodConfig
     base_model: BaseModelRef = Field(default_factory=BaseModelRef)
-    task_type: str | None = Field(None, description="PEFT task_type, e.g. CAUSAL_LM, SEQ_CLS.")
     size: SizeInfo
     files: list[FileEntry]
     source: Source
     task: str | None = Field(None, description="What the adapter was trained for (free text, for `zoo list --task`).")
     tags: list[str] = Field(default_factory=list)
     license: str | None = None
-    extra_config: dict[str, Any] = Field(
-        default_factory=dict, description="Keys of the adapter config this version does not know, kept verbatim."
-    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
 
     @property
@@ -143,6 +148,40 @@ class Manifest(_Strict):
 
     def file(self, path: str) -> FileEntry | None:
         return next((f for f in self.files if f.path == path), None)
+
+
+class AdapterManifest(_Entry):
+    """One adapter: a method config plus its weights."""
+
+    kind: Literal["adapter"] = "adapter"
+    method: MethodConfig
+    task_type: str | None = Field(None, description="PEFT task_type, e.g. CAUSAL_LM, SEQ_CLS.")
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of the adapter config this version does not know, kept verbatim."
+    )
+
+    @property
+    def label(self) -> str:
+        return self.method.method
+
+
+class CompositionManifest(_Entry):
+    """Adapters that act together: `stack` (their outputs add) or `attention` (an AdapterFusion layer
+    per adapted module, whose weights are this entry's files)."""
+
+    kind: Literal["composition"] = "composition"
+    fusion: Literal["stack", "attention"]
+    members: list[MemberRef] = Field(min_length=1)
+    fusion_config: FusionConfig | None = Field(None, description="fusion=attention: the fusion layers' settings.")
+
+    @property
+    def label(self) -> str:
+        return self.fusion
+
+
+#: A registry entry, told apart by `kind`.
+Manifest = Annotated[Union[AdapterManifest, CompositionManifest], Field(discriminator="kind")]
+_MANIFEST = TypeAdapter(Manifest)
 
 
 def validation_message(error: ValidationError, what: str) -> str:
@@ -157,11 +196,11 @@ def validation_message(error: ValidationError, what: str) -> str:
 def parse_manifest(data: Any, what: str = "manifest") -> Manifest:
     """Validate a manifest dict; a `ZooError` names the offending field."""
     try:
-        return Manifest.model_validate(data)
+        return _MANIFEST.validate_python(data)
     except ValidationError as e:
         raise ZooError(validation_message(e, what)) from None
 
 
 def manifest_schema() -> dict:
     """The manifest's JSON Schema (what `zoo schema` prints)."""
-    return Manifest.model_json_schema()
+    return _MANIFEST.json_schema()

@@ -1,0 +1,196 @@
+"""Compositions: several registered adapters made to act as one, and registered as a new entry.
+
+- `stack`: the adapters act together, their outputs add (an entry listing the members).
+- `weighted`: one new LoRA adapter, Σ wᵢ·sᵢ·BᵢAᵢ by `cat`/`svd` or peft's factor-wise methods,
+  written in PEFT format (loadable by peft and vLLM).
+- `attention`: an AdapterFusion layer per adapted module, optionally trained on JSONL data.
+
+The math is in `compose`; this module resolves names, checks that the members fit, and registers.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from compose.errors import CompositionError
+from compose.lora.config import LoraConfig
+from zoo.api import PathLike, open_registry, open_store, register, register_folder
+from zoo.errors import ZooError
+from zoo.formats import peft as peft_format
+from zoo.loading import FUSION_WEIGHTS, ResolvedAdapter, resolve
+from zoo.manifest import BaseModelRef, CompositionManifest, MemberRef, Manifest, SizeInfo, Source, check_name
+
+if TYPE_CHECKING:
+    import torch
+
+FUSIONS = ("stack", "weighted", "attention")
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def _modules(adapter: ResolvedAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A, B)} of one adapter."""
+    return {k.removesuffix(".lora_A.weight"): (v, adapter.state[k.removesuffix("A.weight") + "B.weight"]) for k, v in adapter.state.items() if k.endswith(".lora_A.weight")}
+
+
+def check_members(adapters: list[ResolvedAdapter]) -> None:
+    """Members must share the base model and agree on every module they both adapt (in/out features)."""
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        raise ZooError(f"the adapters were trained on different base models: {sorted(bases)}", "compose adapters of one base")
+    seen: dict[str, tuple[str, int, int]] = {}
+    for adapter in adapters:
+        for module, (A, B) in _modules(adapter).items():
+            shape = (A.shape[1], B.shape[0])
+            if module in seen and seen[module][1:] != shape:
+                other, n_in, n_out = seen[module]
+                raise ZooError(
+                    f"{adapter.name} and {other} disagree on module {module}: in/out {shape[0]}/{shape[1]} vs {n_in}/{n_out}",
+                    "they were trained on different architectures",
+                )
+            seen.setdefault(module, (adapter.name, *shape))
+
+
+def combine_adapters(
+    adapters: list[ResolvedAdapter], weights: Iterable[float] | None, *, method: str = "svd", rank: int | None = None,
+    density: float | None = None, seed: int = 0, name: str = "weighted",
+) -> ResolvedAdapter:
+    """One LoRA adapter computing the weighted combination of `adapters`, module by module.
+
+    Each module combines the adapters that target it. The result has scaling 1 everywhere
+    (lora_alpha = r, per-module rank/alpha patterns where ranks differ), as peft's
+    `add_weighted_adapter` writes it — but without peft's rsLoRA slip (#3761).
+    """
+    import torch
+
+    from compose.lora.weighted import LoraFactors, combine
+
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ZooError(f"{len(weights)} weights for {len(adapters)} adapters", "give one weight per adapter")
+    check_members(adapters)
+    for a in adapters:
+        if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias:
+            feature = "DoRA" if a.config.use_dora else "modules_to_save" if a.config.modules_to_save else "lora_bias"
+            raise ZooError(f"{a.name} uses {feature}, which a weighted sum of LoRA factors cannot express", "stack it instead")
+    if len({a.config.fan_in_fan_out for a in adapters}) > 1:
+        raise ZooError("the adapters disagree on fan_in_fan_out", "compose adapters of one base")
+    generator = torch.Generator().manual_seed(seed)
+    per_adapter = [_modules(a) for a in adapters]
+    modules = list(dict.fromkeys(m for mods in per_adapter for m in mods))
+    state, ranks = {}, {}
+    for module in modules:
+        present = [(i, mods[module]) for i, mods in enumerate(per_adapter) if module in mods]
+        factors = [LoraFactors(A, B, adapters[i].config.scaling_for(module)) for i, (A, B) in present]
+        try:
+            A, B = combine(factors, [weights[i] for i, _ in present], method, rank=rank, density=density, generator=generator)
+        except CompositionError as e:
+            raise ZooError(f"module {module} ({', '.join(adapters[i].name for i, _ in present)}): {e}") from None
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A, B
+        ranks[module] = A.shape[0]
+    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank is the default
+    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
+    config = LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=patterns, alpha_pattern={m: float(k) for m, k in patterns.items()},
+        fan_in_fan_out=adapters[0].config.fan_in_fan_out,
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+    )
+    first = adapters[0]
+    return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
+
+
+def _members(adapters: list[ResolvedAdapter]) -> list[MemberRef]:
+    refs = []
+    for a in adapters:
+        if a.manifest is None:
+            raise ZooError(f"{a.name} is a folder, not a registered adapter", f"`zoo add` it first, then compose by name")
+        weights = a.manifest.file(peft_format.SAFETENSORS_NAME)
+        refs.append(MemberRef(name=a.manifest.name, version=a.manifest.version, sha256=weights.sha256))
+    return refs
+
+
+def _base_ref(adapters: list[ResolvedAdapter]) -> BaseModelRef:
+    first = adapters[0].manifest
+    return first.base_model if first else BaseModelRef()
+
+
+def compose(
+    adapters: str | Iterable[str],
+    *,
+    fusion: str,
+    name: str,
+    weights: Iterable[float] | None = None,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    base: PathLike | None = None,
+    train: PathLike | None = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    drop_train: bool = False,
+    prune_below: float | None = None,
+    temperature: float = 1.0,
+    progress: bool = False,
+    task: str | None = None,
+    tags: Iterable[str] = (),
+    registry: PathLike | None = None,
+) -> Manifest:
+    """Compose registered adapters into a new registry entry named `name`.
+
+    Example:
+        >>> zoo.compose("sql+chat", fusion="weighted", weights=[0.7, 0.3], method="svd", rank=16, name="sql-chat")  # doctest: +SKIP
+    """
+    check_name(name)
+    if fusion not in FUSIONS:
+        raise ZooError(f"unknown fusion {fusion!r}", f"use one of {', '.join(FUSIONS)}")
+    if open_registry(registry).versions(name):
+        raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
+    resolved = resolve(adapters, registry=registry)
+    if resolved.fusion:
+        raise ZooError("a fusion cannot be a member of another composition", "compose its members instead")
+    members = resolved.adapters
+    refs = _members(members)
+    if len(members) < 2:
+        raise ZooError("a composition needs at least two adapters", "write a+b")
+    check_members(members)
+    recipe: dict[str, Any] = {"fusion": fusion}
+    if fusion == "weighted":
+        combined = combine_adapters(members, weights, method=method, rank=rank, density=density, seed=seed, name=name)
+        recipe |= {"method": method, "weights": list(weights) if weights is not None else None, "rank": rank, "density": density, "seed": seed}
+        with tempfile.TemporaryDirectory() as work:
+            folder = peft_format.save_adapter(Path(work) / name, combined.config, combined.state, base_model=combined.base_model, task_type=combined.task_type)
+            source = Source(kind="composition", members=refs, recipe=recipe)
+            return register_folder(folder, name=name, source=source, task=task, tags=tags, registry=registry)
+    size = SizeInfo(trainable_params=sum(a.manifest.size.trainable_params for a in members), bytes=sum(a.manifest.size.bytes for a in members))
+    common = dict(name=name, members=refs, base_model=_base_ref(members), task=task, tags=sorted(set(tags)))
+    if fusion == "stack":
+        return register(CompositionManifest(fusion="stack", size=size, files=[], source=Source(kind="composition", members=refs, recipe=recipe), **common), registry=registry)
+    from zoo.fusion_training import build_fusion
+
+    config, state = build_fusion(
+        members, base=base, train=train, epochs=epochs, lr=lr, batch_size=batch_size, drop_train=drop_train,
+        prune_below=prune_below, temperature=temperature, seed=seed, progress=progress,
+    )
+    kept = [r for r in refs if r.name in config.members]
+    recipe |= {"train": str(train) if train else None, "epochs": epochs, "lr": lr, "drop_train": drop_train, "prune_below": prune_below, "seed": seed}
+    entry = _store_fusion_weights(state)
+    from zoo.api import measure_tensors
+
+    manifest = CompositionManifest(
+        fusion="attention", fusion_config=config, size=measure_tensors(open_store().blob_path(entry.sha256)), files=[entry],
+        source=Source(kind="composition", members=kept, recipe=recipe), **(common | {"members": kept}),
+    )
+    return register(manifest, registry=registry)
+
+
+def _store_fusion_weights(state: dict[str, torch.Tensor]):
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / FUSION_WEIGHTS
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, metadata={"format": "pt"})
+        return open_store().put(path, FUSION_WEIGHTS)

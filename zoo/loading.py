@@ -1,0 +1,249 @@
+"""Loading: registry names, folders and compositions onto a base model loaded by transformers.
+
+    >>> model = zoo.load("path/or/hub-id", adapters="sql+chat", fusion="stack")        # doctest: +SKIP
+    >>> model = zoo.load(base, adapters=["a", "b"], fusion="weighted", weights=[0.7, 0.3], method="svd", rank=16)  # doctest: +SKIP
+    >>> zoo.detach(model)                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from compose.fusion.config import FusionConfig
+from compose.lora.config import LoraConfig
+from zoo.api import PathLike, adapter_folder, open_registry, read_adapter_folder, split_adapters
+from zoo.errors import ZooError
+from zoo.formats import peft as peft_format
+from zoo.manifest import AdapterManifest, CompositionManifest
+
+if TYPE_CHECKING:
+    import torch
+
+FUSION_WEIGHTS = "adapter_fusion.safetensors"
+
+_AUTO_CLASS_FOR_TASK = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_QUANTIZE = ("nf4", "fp4", "int8")
+
+
+@dataclass
+class ResolvedAdapter:
+    """An adapter ready for the engine: its name, config, tensors (paths relative to the model)."""
+
+    name: str
+    config: LoraConfig
+    state: dict[str, torch.Tensor]
+    task_type: str | None = None
+    architecture: str | None = None
+    base_model: str | None = None
+    manifest: AdapterManifest | None = None
+
+
+@dataclass
+class Resolved:
+    """What a list of references expands to: adapters, and at most one fusion over them."""
+
+    adapters: list[ResolvedAdapter] = field(default_factory=list)
+    fusion: tuple[str, FusionConfig, dict[str, torch.Tensor]] | None = None
+
+
+def _from_manifest(manifest: AdapterManifest, registry: PathLike | None) -> ResolvedAdapter:
+    folder = adapter_folder(manifest, registry=registry)
+    state = peft_format.load_state(folder / peft_format.SAFETENSORS_NAME)
+    return ResolvedAdapter(
+        manifest.name, manifest.method, peft_format.strip_prefix(state), manifest.task_type,
+        manifest.base_model.architecture, manifest.base_model.name_or_path, manifest,
+    )
+
+
+def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, allow_pickle: bool = False) -> Resolved:
+    """Registry references ('name', 'name@2'), adapter folders, or compositions → adapters (+ fusion)."""
+    out = Resolved()
+    for item in split_adapters(items):
+        if Path(item).is_dir():
+            with tempfile.TemporaryDirectory() as work:
+                adapter = read_adapter_folder(Path(item), allow_pickle=allow_pickle, workdir=Path(work))
+                state = peft_format.load_state(adapter.weights)
+            raw = adapter.raw_config
+            out.adapters.append(ResolvedAdapter(
+                Path(item).resolve().name, adapter.config, peft_format.strip_prefix(state), raw.get("task_type"),
+                (raw.get("auto_mapping") or {}).get("base_model_class"), raw.get("base_model_name_or_path"),
+            ))
+            continue
+        manifest = open_registry(registry).resolve(item)
+        if isinstance(manifest, AdapterManifest):
+            out.adapters.append(_from_manifest(manifest, registry))
+            continue
+        out.adapters += [_member(manifest, member, registry) for member in manifest.members]
+        if manifest.fusion == "attention":
+            if out.fusion:
+                raise ZooError(f"{manifest.ref} is a second fusion in one load", "load one fusion at a time")
+            from safetensors.torch import load_file
+
+            state = load_file(adapter_folder(manifest, registry=registry) / FUSION_WEIGHTS)
+            out.fusion = (manifest.name, manifest.fusion_config, state)
+    names = [a.name for a in out.adapters]
+    if len(set(names)) != len(names):
+        raise ZooError(f"adapters {sorted({n for n in names if names.count(n) > 1})} are named twice", "list each adapter once")
+    return out
+
+
+def _member(composition: CompositionManifest, member, registry: PathLike | None) -> ResolvedAdapter:
+    manifest = open_registry(registry).resolve(f"{member.name}@{member.version}")
+    weights = manifest.file(peft_format.SAFETENSORS_NAME)
+    if not isinstance(manifest, AdapterManifest) or weights is None or weights.sha256 != member.sha256:
+        raise ZooError(f"{composition.ref}: member {member.name}@{member.version} is not the adapter it was composed from", "re-compose it")
+    return _from_manifest(manifest, registry)
+
+
+def _num_labels(adapter: ResolvedAdapter) -> int | None:
+    """A classification head saved in modules_to_save fixes the label count (last Linear's out features)."""
+    heads = [k for k in adapter.state if k.endswith(".weight") and any(k.startswith(m + ".") or f".{m}." in k for m in adapter.config.modules_to_save)]
+    return adapter.state[max(heads, key=lambda k: k.count("."))].shape[0] if heads else None
+
+
+def quantization_config_for(quantize: str | None) -> Any:
+    """'nf4' | 'fp4' | 'int8' → a transformers `BitsAndBytesConfig` (what QLoRA trains on)."""
+    if quantize is None:
+        return None
+    if quantize not in _QUANTIZE:
+        raise ZooError(f"unknown quantization {quantize!r}", f"use one of {', '.join(_QUANTIZE)}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_base(
+    base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None, **kwargs: Any
+) -> torch.nn.Module:
+    """`from_pretrained` with the class the adapter was trained on (task type, else its recorded architecture)."""
+    import transformers
+
+    if model_class is None:
+        name = _AUTO_CLASS_FOR_TASK.get(task_type or "") or (architecture if hasattr(transformers, architecture or "") else "AutoModel")
+        model_class = getattr(transformers, name)
+    try:
+        return model_class.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise ZooError(f"cannot load base model {str(base)!r}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ZooError(f"base model {str(base)!r} needs its own (remote) code", "pass trust_remote_code=True (--trust-remote-code) if you trust it") from None
+        raise
+
+
+def load(
+    base: PathLike | torch.nn.Module,
+    adapters: str | Iterable[str] = (),
+    *,
+    fusion: str | None = None,
+    weights: Iterable[float] | None = None,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    drop: int = 0,
+    quantize: str | None = None,
+    merge: bool = False,
+    registry: PathLike | None = None,
+    model_class: Any = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    quantization_config: Any = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> torch.nn.Module:
+    """Load `base` (a path, a Hub id, or a model you built) with `adapters` attached and active.
+
+    Args:
+        adapters: registry references, adapter folders or registered compositions, as a list or 'a+b'.
+        fusion: how several adapters act together: 'stack' (default: their outputs add), 'weighted'
+            (one LoRA computed as a weighted sum, see `weights`/`method`/`rank`/`density`/`seed`), or
+            'attention' (an untrained AdapterFusion, i.e. the average of the members' outputs; a
+            registered fusion brings its trained weights).
+        drop: AdapterDrop — no adapter computation in the first `drop` transformer layers.
+        quantize: 'nf4' | 'fp4' | 'int8' loads the base quantized by bitsandbytes (QLoRA's setting).
+        merge: fold the LoRA deltas into the base weights (no adapter cost at inference).
+        dtype, device_map, quantization_config: passed to transformers' `from_pretrained` unchanged, so a
+            base sharded by accelerate or loaded in 4-bit works the same way.
+
+    Returns the transformers model in eval mode, ready for `forward`/`generate`; `zoo.detach(model)`
+    takes the adapters off again.
+
+    Example:
+        >>> model = zoo.load("gpt2", adapters="poems+rhymes", dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    import torch
+
+    from compose.lora.model import attach_lora
+
+    resolved = resolve(adapters, registry=registry, allow_pickle=allow_pickle) if adapters else Resolved()
+    if fusion not in (None, "stack", "weighted", "attention"):
+        raise ZooError(f"unknown fusion {fusion!r}", "use stack, weighted or attention")
+    if fusion == "weighted":
+        from zoo.composition import combine_adapters
+
+        resolved.adapters = [combine_adapters(resolved.adapters, weights, method=method, rank=rank, density=density, seed=seed)]
+    elif weights is not None:
+        raise ZooError("weights only apply to fusion='weighted'")
+    if fusion == "attention" and resolved.fusion is None:
+        resolved.fusion = ("fusion", FusionConfig(members=[a.name for a in resolved.adapters]), None)
+    if quantize:
+        if quantization_config is not None:
+            raise ZooError("pass either quantize= or quantization_config=, not both")
+        quantization_config = quantization_config_for(quantize)
+
+    if isinstance(base, torch.nn.Module):
+        model = base
+    else:
+        first = resolved.adapters[0] if resolved.adapters else None
+        kwargs = {k: v for k, v in dict(dtype=dtype, device_map=device_map, quantization_config=quantization_config).items() if v is not None}
+        if first and first.task_type in ("SEQ_CLS", "TOKEN_CLS") and "num_labels" not in from_pretrained_kwargs:
+            if (n := _num_labels(first)) is not None:
+                kwargs["num_labels"] = n
+        model = load_base(
+            base, task_type=first and first.task_type, architecture=first and first.architecture, model_class=model_class,
+            trust_remote_code=trust_remote_code, **kwargs, **from_pretrained_kwargs,
+        )
+    for adapter in resolved.adapters:
+        attach_lora(model, adapter.name, adapter.config, adapter.state)
+    if resolved.fusion:
+        from compose.fusion.model import attach_fusion
+
+        attach_fusion(model, *resolved.fusion)
+    if drop:
+        from compose.drop import set_drop
+
+        set_drop(model, drop)
+    if merge:
+        from compose.lora.layer import LoraLayer
+
+        if resolved.fusion or drop:
+            raise ZooError("merge=True folds plain LoRA deltas; a fusion or AdapterDrop cannot be merged into weights")
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+    return model.eval()
+
+
+def detach(model: torch.nn.Module, name: str | None = None) -> torch.nn.Module:
+    """Take adapter `name` (default: all, and any fusion) off a model returned by `load`."""
+    from compose.fusion.model import detach_fusion
+    from compose.lora.model import detach_lora
+
+    if name is None:
+        detach_fusion(model)
+    return detach_lora(model, name)
