@@ -4,7 +4,8 @@ The test split uses adjectives the training split never shows (HELD_OUT), so it 
 adapter learned sentiment rather than a word list. Deterministic (fixed seed), so the committed JSONL
 files are reproducible:
     python examples/data/make_data.py
-Each line: {"text": ..., "topic": one of TOPICS, "sentiment": "positive"|"negative", "label": <sentiment>}.
+Each line: {"text": ..., "topic": one of TOPICS, "sentiment": "positive"|"negative", "label": "<topic>/<sentiment>"}
+("label" is what `zoo compose --fusion attention --train` learns: neighbours that share topic AND sentiment).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def sentences(seed: int = 0) -> list[dict]:
             for noun in nouns:
                 for template, adj in zip(rng.sample(TEMPLATES, 4), rng.sample(adjectives, 4)):
                     text = template.format(noun=noun, adj=adj)
-                    rows.append({"text": text[0].upper() + text[1:], "topic": topic, "sentiment": sentiment, "label": sentiment, "held_out": adj in HELD_OUT})
+                    rows.append({"text": text[0].upper() + text[1:], "topic": topic, "sentiment": sentiment, "label": f"{topic}/{sentiment}", "held_out": adj in HELD_OUT})
     rng.shuffle(rows)
     return rows
 
