@@ -176,10 +176,13 @@ def inspect_adapter(
     config = config or {}
     tensors = header.tensors
 
-    method = str(config.get("peft_type", "")).lower() or _guess_method(tensors, weights)
-    if method not in ANALYSERS:
-        raise ZooError(f"{weights}: inspect does not know method {method!r} yet", f"supported: {', '.join(ANALYSERS)}")
-    modules, claimed = ANALYSERS[method](tensors)
+    method = str(config.get("peft_type", "")).lower()
+    if method:
+        if method not in ANALYSERS:
+            raise ZooError(f"{weights}: inspect does not know method {method!r} yet", f"supported: {', '.join(ANALYSERS)}")
+        modules, claimed = ANALYSERS[method](tensors)
+    else:
+        method, (modules, claimed) = _guess_method(tensors, weights)
     if not modules:
         raise ZooError(f"{weights}: the config says {method!r} but the file holds no {method} tensors",
                        "check that config and weights belong together")
@@ -269,11 +272,11 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
-def _guess_method(tensors: dict[str, TensorInfo], weights: Path) -> str:
-    """The method whose analyser recognises the tensors (used when no adapter config says)."""
+def _guess_method(tensors: dict[str, TensorInfo], weights: Path) -> tuple[str, tuple[list[ModuleRow], set[str]]]:
+    """The method whose analyser recognises the tensors, and its analysis (when no adapter config says)."""
     for method, analyse in ANALYSERS.items():
-        if analyse(tensors)[0]:
-            return method
+        if (analysis := analyse(tensors))[0]:
+            return method, analysis
     raise ZooError(f"{weights}: no adapter tensors recognised (looked for: {', '.join(ANALYSERS)})",
                    "pass the adapter config, or check that this is an adapter file")
 

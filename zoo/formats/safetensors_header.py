@@ -107,10 +107,11 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         raise ZooError(f"{path}: cannot read ({e.strerror})", "check the path") from None
 
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            keys = [k for k, _ in pairs]
             raise fail(f"header repeats key {next(k for k in keys if keys.count(k) > 1)!r}")
-        return dict(pairs)
+        return result
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
