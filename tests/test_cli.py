@@ -48,7 +48,10 @@ def test_add_list_show_remove_roundtrip(zoo_cli, adapter_dir):
 
 def test_schema_is_json_schema(zoo_cli):
     code, out, _ = zoo_cli("schema")
-    assert code == 0 and json.loads(out)["title"] == "Manifest"
+    schema = json.loads(out)
+    assert code == 0 and schema["title"] == "Manifest"
+    assert set(schema["discriminator"]["mapping"]) == {"adapter", "composition"}
+    assert "method" in schema["$defs"]["AdapterManifest"]["properties"]
 
 
 @pytest.mark.parametrize(

@@ -160,14 +160,14 @@ def test_not_an_adapter_folder(tmp_path):
 
 
 def test_invalid_manifest_names_the_field():
-    with pytest.raises(ZooError, match=r"field 'method\.lora\.r'"):
+    with pytest.raises(ZooError, match=r"field 'adapter\.method\.lora\.r'"):
         parse_manifest(
             {
                 "name": "x", "method": {"method": "lora", "r": 0, "lora_alpha": 8},
                 "size": {"trainable_params": 0, "bytes": 0}, "files": [], "source": {"kind": "local"},
             }
         )
-    with pytest.raises(ZooError, match=r"field 'files\.0\.path'.*invalid file path"):
+    with pytest.raises(ZooError, match=r"field 'adapter\.files\.0\.path'.*invalid file path"):
         parse_manifest(
             {
                 "name": "x", "method": {"method": "lora", "r": 8, "lora_alpha": 8},
@@ -175,7 +175,7 @@ def test_invalid_manifest_names_the_field():
                 "files": [{"path": "../../etc/passwd", "sha256": "0" * 64, "size": 1}],
             }
         )
-    assert "method" in manifest_schema()["properties"]
+    assert "method" in manifest_schema()["$defs"]["AdapterManifest"]["properties"]
 
 
 def test_broken_registry_file_is_reported_not_overwritten(tmp_path):
