@@ -257,6 +257,9 @@ def _floats(text: str, option: str) -> list[float]:
         raise ZooError(f"{option} {text!r} is not a comma-separated list of numbers", "e.g. --weights 0.7,0.3") from None
 
 
+from cli.hub import register_hub_commands; register_hub_commands(app)  # noqa: E402,E702  (pull, push, search)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

@@ -137,12 +137,13 @@ def register_folder(
     tags: Iterable[str] = (),
     license: str | None = None,
     allow_pickle: bool = False,
+    new_version_of_same_source: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Store a PEFT adapter folder's files and register them under `name` (see `add`)."""
+    """Store a PEFT adapter folder's files and register them under `name` (see `add` and `register`)."""
     name = check_name(name)
     reg = open_registry(registry)
-    if reg.versions(name):
+    if reg.versions(name) and not new_version_of_same_source:
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work))
@@ -172,17 +173,28 @@ def register_folder(
         license=license,
         extra_config=adapter.unknown_keys,
     )
-    return register(manifest, registry=registry)
+    return register(manifest, new_version_of_same_source=new_version_of_same_source, registry=registry)
 
 
-def register(manifest: Manifest, *, registry: PathLike | None = None) -> Manifest:
-    """Add a manifest whose files are already in the store; refuses a name that exists."""
+def register(manifest: Manifest, *, new_version_of_same_source: bool = False, registry: PathLike | None = None) -> Manifest:
+    """Add a manifest whose files are already in the store; refuses a name that exists, unless
+    `new_version_of_same_source` and every version of that name came from the same Hub repo or local
+    folder: then it becomes the next version (decided under the registry lock)."""
     with open_registry(registry).transaction() as adapters:
-        if any(m.name == manifest.name for m in adapters):
-            raise ZooError(f"an adapter named {manifest.name!r} already exists", "pick another --name, or `zoo remove` it first")
+        same = [m for m in adapters if m.name == manifest.name]
+        if same and not (new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)):
+            other = " from another source" if new_version_of_same_source else ""
+            raise ZooError(f"an adapter named {manifest.name!r} already exists{other}", "pick another --name, or `zoo remove` it first")
+        if same:
+            manifest = manifest.model_copy(update={"version": max(m.version for m in same) + 1})
         adapters.append(manifest)
     open_store().adapter_dir(manifest)
     return manifest
+
+
+def _same_origin(a: Source, b: Source) -> bool:
+    """Versions of one thing: the same Hub repo or the same local folder (never two compositions)."""
+    return a.kind != "composition" and (a.kind, a.repo_id, a.path) == (b.kind, b.repo_id, b.path)
 
 
 def _source_path(folder: Path, reg: Registry) -> str:

@@ -1,0 +1,367 @@
+"""The Hugging Face Hub: `pull` an adapter repo into the registry, `push` an entry to a repo, `search` by base model.
+
+    >>> zoo.hub.pull("org/llama-sql@main")                     # doctest: +SKIP
+    >>> zoo.hub.push("llama-sql", "me/llama-sql", private=True)  # doctest: +SKIP
+    >>> zoo.hub.search("meta-llama/Llama-3.1-8B", method="lora")  # doctest: +SKIP
+
+Everything goes through the real `huggingface_hub` client, which brings resume, parallel downloads, progress
+bars, the token (`HF_TOKEN` or `hf auth login`) and the endpoint (`HF_ENDPOINT`); the token never passes through
+this module. The client checks only sizes, so `pull` checks every file against the Hub's own hashes (an LFS file's
+sha256, a regular file's git blob sha1) before anything is registered, and pins the commit sha in the manifest.
+`huggingface_hub` is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_store, register, register_folder
+from zoo.errors import ZooError
+from zoo.formats import peft as peft_format
+from zoo.formats.peft import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from zoo.loading import FUSION_WEIGHTS
+from zoo.manifest import AdapterManifest, CompositionManifest, Manifest, Source, check_name, parse_manifest
+from zoo.store import CHUNK, sha256_file
+from zoo.units import human_bytes
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+ZOO_MANIFEST = "zoo.json"  # the manifest as pushed: `pull` restores it
+CARD_NAME = "README.md"
+# What `pull` fetches when the repo has it; a pickle only when there is no safetensors.
+FETCHED = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, FUSION_WEIGHTS, ZOO_MANIFEST, CARD_NAME)
+# PEFT task types -> the Hub's pipeline tags.
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def split_hub_ref(ref: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); 'org/name' -> ('org/name', None). Revisions may hold '/'."""
+    repo_id, sep, revision = ref.partition("@")
+    if not repo_id or (sep and not revision):
+        raise ZooError(f"invalid Hub reference {ref!r}", "write REPO_ID or REPO_ID@REVISION, e.g. org/my-lora@main")
+    return repo_id, revision or None
+
+
+@contextmanager
+def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
+    """The client's errors as one-line `ZooError`s. They name the endpoint, repo and revision, never the token."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HFValidationError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import httpx  # httpx2 in huggingface_hub 2.x, httpx in 1.x
+
+    endpoint = constants.ENDPOINT
+    login = "set HF_TOKEN or run `hf auth login`"
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise ZooError("the Hub client is offline (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE to reach the Hub") from None
+    except RevisionNotFoundError:
+        raise ZooError(f"revision {revision!r} not found in {what}", "use a branch, a tag or a full 40-hex commit sha of the repo") from None
+    except RemoteEntryNotFoundError as e:
+        raise ZooError(f"a file is missing from {what}@{revision or 'main'}: {_first_line(e.server_message)}") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):  # checked first: on huggingface.co an anonymous 401 can come as RepositoryNotFoundError
+            raise ZooError(f"authentication failed at {endpoint} for {what} (HTTP {status})", f"{login} (pushing needs a token with write access)") from None
+        if isinstance(e, RepositoryNotFoundError):
+            raise ZooError(f"repo {what} not found on {endpoint} (or private)", f"check the id; for a private repo {login}") from None
+        raise ZooError(f"{endpoint} answered HTTP {status} for {what}: {_first_line(e.server_message)}", "retry later") from None
+    except LocalEntryNotFoundError:  # snapshot_download's answer when the Hub vanished mid-pull and the cache lacks files
+        raise ZooError(f"cannot reach {endpoint}, and {what} is not in the local cache", "check the network or HF_ENDPOINT, then retry") from None
+    except httpx.TransportError as e:
+        raise ZooError(f"cannot reach {endpoint} ({type(e).__name__})", "check the network or HF_ENDPOINT, then retry: downloads resume") from None
+    except HFValidationError as e:
+        raise ZooError(f"invalid repo id {what!r}: {_first_line(str(e))}", "write ORG/NAME") from None
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+
+
+# --- pull ------------------------------------------------------------------------------------------------
+
+
+def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, registry: PathLike | None = None) -> Manifest:
+    """Download an adapter repo at a revision, verify every file against the Hub's hashes, and register it.
+
+    The revision (branch, tag or commit; default `main`) is resolved to its commit sha, which the manifest pins.
+    The same commit again returns the existing entry; a new commit of the same repo becomes the next version of the
+    same name. A repo pushed by `push` brings its `zoo.json`, restored as it was (but for `source` and `version`).
+
+    Args:
+        ref (`str`): `REPO_ID` or `REPO_ID@REVISION`, e.g. `org/llama-sql@v2` or `org/llama-sql@<40-hex sha>`.
+        name (`str`, *optional*): registry name; default the name in `zoo.json`, else the repo's name part.
+        allow_pickle (`bool`): accept a repo whose only weights are `adapter_model.bin` (loaded with
+            `torch.load(weights_only=True)` and stored as safetensors).
+        registry: registry file (default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
+
+    Returns:
+        The registered manifest.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
+    repo_id, revision = split_hub_ref(ref)
+    if name is not None:
+        check_name(name)
+    api = HfApi()
+    with hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision)
+    repo_id, sha = info.id, info.sha
+    where = f"{repo_id}@{sha[:12]}"
+    pulled = [
+        m for m in open_registry(registry).read()
+        if m.source.kind == "hub" and (m.source.repo_id, m.source.revision) == (repo_id, sha) and name in (None, m.name)
+    ]
+    if pulled:
+        return pulled[-1]
+    with hub_errors(repo_id, sha):
+        tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(f, RepoFile)}
+        if CONFIG_NAME not in tree and ZOO_MANIFEST not in tree:
+            raise ZooError(f"{where} holds neither {CONFIG_NAME} nor {ZOO_MANIFEST}", "is it an adapter repo? (see its files on the Hub)")
+        wanted = [p for p in FETCHED if p in tree and not (p == PICKLE_NAME and SAFETENSORS_NAME in tree)]
+        folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=wanted))
+    for path in wanted:
+        _check_against_hub(folder / path, tree[path], where)
+
+    source = Source(kind="hub", repo_id=repo_id, revision=sha)
+    if ZOO_MANIFEST in tree:
+        manifest = _restore(folder, source, name, where, registry)
+        return register(manifest, new_version_of_same_source=True, registry=registry)
+    return register_folder(
+        folder, name=name or repo_id.split("/")[-1], source=source, allow_pickle=allow_pickle,
+        new_version_of_same_source=True, registry=registry,
+    )
+
+
+def git_blob_sha1(path: Path) -> str:
+    """Git's object id of a file, which the Hub lists as a regular file's oid: sha1 of `blob <size>\\0` + bytes."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_against_hub(local: Path, entry: Any, where: str) -> None:
+    """`local` must hash to what the Hub lists for `entry` (a `RepoFile`); a bad copy is dropped from the
+    client's cache, else the next pull would take it from there again without downloading."""
+    if not local.is_file():
+        raise ZooError(f"{where}: {entry.path} was not downloaded", "retry the pull")
+    size = local.stat().st_size
+    if entry.lfs is not None:
+        algo, got, expected = "sha256", sha256_file(local)[0], entry.lfs.sha256
+    else:
+        algo, got, expected = "git sha1", git_blob_sha1(local), entry.blob_id
+    if (got, size) != (expected, entry.size):
+        blob = local.resolve()
+        local.unlink()
+        blob.unlink(missing_ok=True)
+        raise ZooError(
+            f"{where}: {entry.path} does not match the Hub's {algo} ({got[:12]}…, {size:,} bytes != {expected[:12]}…, {entry.size:,} bytes)",
+            "the download is corrupt and was dropped from the cache; nothing was registered: retry the pull",
+        )
+
+
+def _restore(folder: Path, source: Source, name: str | None, where: str, registry: PathLike | None) -> Manifest:
+    """The pushed `zoo.json`, re-verified against the downloaded files, its files put in the store."""
+    data = peft_format.read_json_config(folder / ZOO_MANIFEST, ZOO_MANIFEST)
+    manifest = parse_manifest(data, f"{ZOO_MANIFEST} of {where}")
+    for f in manifest.files:
+        local = folder / f.path
+        got = sha256_file(local) if local.is_file() else ("missing", 0)
+        if got != (f.sha256, f.size):
+            raise ZooError(
+                f"{where}: {ZOO_MANIFEST} lists {f.path} with sha256 {f.sha256[:12]}… ({f.size:,} bytes), the repo has {got[0][:12]}… ({got[1]:,} bytes)",
+                "the repo's files changed after `zoo push`: push the adapter again",
+            )
+    if isinstance(manifest, AdapterManifest):  # sizes and ranks are measured, never taken from input
+        if manifest.file(SAFETENSORS_NAME) is None or measure_size(folder / SAFETENSORS_NAME, manifest.method) != manifest.size:
+            raise ZooError(f"{where}: the sizes in {ZOO_MANIFEST} are not those of its weights", "push the adapter again")
+    update: dict[str, Any] = {"name": name or manifest.name, "version": 1, "source": source}
+    if isinstance(manifest, CompositionManifest):
+        update["members"] = _local_members(manifest, where, registry)
+    store = open_store()
+    for f in manifest.files:
+        store.put(folder / f.path, f.path)
+    return manifest.model_copy(update=update)
+
+
+def _local_members(composition: CompositionManifest, where: str, registry: PathLike | None):
+    """A composition's members, found locally by name and weights sha256 (versions are local numbering)."""
+    reg = open_registry(registry)
+    members = []
+    for member in composition.members:
+        local = [m for m in reg.versions(member.name) if (w := m.file(SAFETENSORS_NAME)) and w.sha256 == member.sha256]
+        if not local:
+            raise ZooError(
+                f"{where}: composition member {member.name!r} (weights sha256 {member.sha256[:12]}…) is not in the registry",
+                f"pull or add that adapter as {member.name!r} first (push members before their composition)",
+            )
+        members.append(member.model_copy(update={"version": local[-1].version}))
+    return members
+
+
+# --- push ------------------------------------------------------------------------------------------------
+
+
+def push(
+    name_or_ref: str, repo_id: str, *, private: bool = False, branch: str | None = None, registry: PathLike | None = None
+) -> str:
+    """Upload a registry entry to a Hub repo in one commit: its files, `zoo.json` and a model card (`README.md`).
+
+    The repo is created if needed (`private` applies only then); `branch` is created from `main` if needed.
+    A composition (stack/attention) names its members by name and weights sha256: push them too, since `pull`
+    of a composition needs its members in the local registry.
+
+    Args:
+        name_or_ref (`str`): `NAME` (latest version) or `NAME@VERSION`.
+        repo_id (`str`): `ORG/NAME`, or `NAME` for the token's user.
+
+    Returns:
+        The commit's URL (it ends with the commit sha, for `pull REPO_ID@SHA`).
+    """
+    from huggingface_hub import HfApi
+
+    manifest = open_registry(registry).resolve(name_or_ref)
+    source = adapter_folder(manifest, registry=registry)
+    store = open_store()
+    api = HfApi()
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        for f in manifest.files:
+            if problem := store.verify(f):
+                raise ZooError(f"{manifest.ref}: the stored {f.path} is {problem}", f"see `zoo verify {manifest.ref}`; nothing was pushed")
+            shutil.copyfile(source / f.path, folder / f.path)
+        published = manifest.model_dump(mode="json")
+        published["source"]["path"] = None  # a local folder means nothing on the Hub and may name the user's home
+        (folder / ZOO_MANIFEST).write_text(json.dumps(published, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with hub_errors(repo_id, branch):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            model_card(manifest, repo_id, branch).save(folder / CARD_NAME)
+            if branch:
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch, commit_message=f"zoo push {manifest.ref}")
+    return commit.commit_url
+
+
+def is_hub_id(name_or_path: str | None) -> bool:
+    """A Hub model id (`gpt2`, `org/name`) rather than a local path."""
+    return bool(name_or_path) and _REPO_ID.match(name_or_path) is not None and ".." not in name_or_path
+
+
+def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> ModelCard:
+    """A model card following the Hub's conventions for adapters: `library_name: peft` for PEFT-format files,
+    `base_model` (a Hub id, never a local path), tags with the method, `adapter-zoo` and `base_model:adapter:<id>`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = manifest.base_model.name_or_path if is_hub_id(manifest.base_model.name_or_path) else None
+    tags = [manifest.label, "adapter-zoo", *manifest.tags, *([f"base_model:adapter:{base}"] if base else [])]
+    data = ModelCardData(
+        library_name="peft" if isinstance(manifest, AdapterManifest) else None,
+        base_model=base,
+        base_model_relation="adapter" if base else None,
+        pipeline_tag=PIPELINE_TAGS.get(getattr(manifest, "task_type", None) or ""),
+        license=manifest.license,
+        tags=list(dict.fromkeys(tags)),
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(manifest, repo_id, base, branch)}")
+
+
+def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) -> str:
+    on = f" for [{base}](https://huggingface.co/{base})" if base else (f" for `{m.base_model.name_or_path}`" if m.base_model.name_or_path else "")
+    pull_ref = f"{repo_id}@{branch}" if branch else repo_id
+    lines = [f"# {m.name}", ""]
+    if isinstance(m, AdapterManifest):
+        c = m.method
+        targets = c.target_modules if isinstance(c.target_modules, str) or c.target_modules is None else ", ".join(sorted(c.target_modules))
+        variant = " (DoRA)" if c.use_dora else ""
+        lines += [
+            f"A {'LoRA' if c.method == 'lora' else c.method}{variant} adapter{on}, pushed by adapter-zoo from `{m.ref}`.", "",
+            "| | |", "|---|---|",
+            f"| method | {c.method} r={c.r}, alpha={c.lora_alpha}{', rsLoRA' if c.use_rslora else ''}{variant} |",
+            f"| target modules | {targets or '-'} |",
+        ]
+    else:
+        members = ", ".join(f"`{x.name}` (weights sha256 `{x.sha256}`)" for x in m.members)
+        lines += [
+            f"A `{m.fusion}` composition of adapters{on}, pushed by adapter-zoo from `{m.ref}`.", "",
+            "| | |", "|---|---|", f"| members | {members} |",
+        ]
+    lines += [
+        f"| task | {m.task or '-'} |",
+        f"| trainable parameters | {m.size.trainable_params:,} |",
+        f"| size | {human_bytes(m.size.bytes)} |",
+        "", "Files (checked by `zoo pull` against `zoo.json` and the Hub's own hashes):", "",
+        *[f"- `{f.path}`: {f.size:,} bytes, sha256 `{f.sha256}`" for f in m.files],
+        "", "## Use it", "", "With adapter-zoo:", "", "```bash", f"zoo pull {pull_ref}", "```", "",
+    ]
+    if isinstance(m, CompositionManifest):
+        lines += [f"`zoo pull` needs the members above in the local registry first, under those names and with those weights.", ""]
+    q = json.dumps  # Python string literals in the snippets
+    lines += ["```python", "import zoo", "", f"model = zoo.load({q(base or 'BASE_MODEL')}, {q(m.name)})", "```", ""]
+    if isinstance(m, AdapterManifest):
+        revision = f", revision={q(branch)}" if branch else ""
+        lines += [
+            "With PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModel", "",
+            f"base = AutoModel.from_pretrained({q(base or 'BASE_MODEL')})  # or the class of your task",
+            f"model = PeftModel.from_pretrained(base, {q(repo_id)}{revision})", "```", "",
+        ]
+    return "\n".join(lines)
+
+
+# --- search ----------------------------------------------------------------------------------------------
+
+
+def search(base: str, *, method: str | None = None, limit: int | None = 50) -> list[dict[str, Any]]:
+    """Adapters of `base` on the Hub (the `base_model:adapter:<base>` tag), most downloaded first.
+
+    Args:
+        base (`str`): the base model's Hub id.
+        method (`str`, *optional*): keep repos tagged with this method, e.g. `lora`.
+        limit (`int`, *optional*): at most this many (None: all).
+
+    Returns:
+        One dict per repo: `id`, `sha`, `library_name`, `tags`, `last_modified` (ISO 8601 or None), `private`.
+    """
+    from huggingface_hub import HfApi
+
+    filters = [f"base_model:adapter:{base}", *([method] if method else [])]
+    with hub_errors(base):
+        found = list(HfApi().list_models(filter=filters, sort="downloads", limit=limit))
+    return [
+        {
+            "id": m.id,
+            "sha": m.sha,
+            "library_name": m.library_name,
+            "tags": list(m.tags or []),
+            "last_modified": m.last_modified.isoformat() if m.last_modified else None,
+            "private": m.private,
+        }
+        for m in found
+    ]
