@@ -141,7 +141,7 @@ class _progress:
         self.bar = Progress(transient=False)
         self.bar.start()
         self.task = self.bar.add_task("training fusion", total=self.total)
-        return lambda step, loss: self.bar.update(self.task, completed=step + 1, description=f"training fusion  loss {loss:.4f}")
+        return lambda step, loss: self.bar.update(self.task, completed=step, description=f"training fusion  loss {loss:.4f}")
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -23,9 +23,12 @@ def new_lora_state(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> di
         CompositionError: no Linear/Conv1D module matches the targets.
     """
     generator = torch.Generator().manual_seed(seed)
+    wrapped = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
     state = {}
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, SavedModule)) or not matches_target(path, config.target_modules) or base_kind(module) is None:
+        if not matches_target(path, config.target_modules) or base_kind(module) is None:
+            continue
+        if any(path == w or path.startswith(w + ".") for w in wrapped):  # adapter machinery (e.g. a fusion's query)
             continue
         n_in, n_out = base_features(module)
         r = config.rank_for(path)
