@@ -27,4 +27,6 @@ def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, 
     log_prob = logits.log_softmax(dim=1).masked_fill(self_mask, 0.0)
     has_positive = positives.any(1)
     per_anchor = -(log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)
+    if not has_positive.any():  # e.g. a last batch of one: nothing to pull together, no gradient (not NaN)
+        return embeddings.sum() * 0.0
     return per_anchor[has_positive].mean()
