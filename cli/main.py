@@ -240,12 +240,54 @@ def compose(
     m = compose_adapters(
         adapters, fusion=fusion, name=name, weights=weight_list, method=method, rank=rank, density=density, seed=seed,
         base=base, train=train, epochs=epochs, lr=lr, batch_size=batch_size, drop_train=drop_train, prune_below=prune_below,
-        temperature=temperature, progress=not as_json, task=task, registry=registry,
+        temperature=temperature, progress=_interactive(as_json), task=task, registry=registry,
     )
     if as_json:
         return print_json(m.model_dump(mode="json"))
     members = m.members if m.kind == "composition" else m.source.members
     typer.echo(f"composed {m.ref} ({fusion}) from {'+'.join(x.name for x in members)}: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}")
+
+
+@app.command()
+def merge(
+    adapters: Annotated[str, typer.Argument(help="Registered adapter(s) or a stack/weighted composition, e.g. sql or sql+chat.")],
+    base: Annotated[Path, typer.Option(help="The base model's local folder (safetensors, one file or sharded).")],
+    out: Annotated[Path, typer.Option(help="Folder to write (must not exist or be empty).")],
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: fp32 | bf16 | fp16 (default: the base's).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="nf4 | fp4 | int8: the base as QLoRA trained on it (bitsandbytes).")] = None,
+    dequantize: Annotated[bool, typer.Option(help="With --quantize: write deq(Q(W)) + ΔW in full precision (the exact QLoRA merge).")] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold LoRA deltas into the base and write a transformers checkpoint, streaming shard by shard."""
+    from zoo.merge import merge_adapters
+    from zoo.units import human_bytes
+
+    report = merge_adapters(adapters, base=base, out=out, dtype=dtype, quantize=quantize, dequantize=dequantize, progress=_interactive(as_json), registry=registry)
+    if as_json:
+        import dataclasses
+
+        return print_json(dataclasses.asdict(report))
+    from rich.table import Table
+
+    c = console()
+    c.print(
+        f"merged {adapters} into {base} → {out}: {len(report.modules)} modules in {len(report.shards)} shard(s), "
+        f"{human_bytes(report.bytes_written)} written in {report.seconds:.1f} s, peak memory {human_bytes(report.peak_rss_bytes)}"
+    )
+    if quantize or dtype:
+        what = f"{quantize} requantization" if quantize and not dequantize else f"cast to {dtype or 'the base dtype'}"
+        table = Table(title=f"error of the written weights vs the exact merge ({what}), per module")
+        for col in ("module", "max abs", "mean abs"):
+            table.add_column(col, justify="left" if col == "module" else "right")
+        for path, m in report.modules.items():
+            table.add_row(path, f"{m.error.max_abs:.2e}", f"{m.error.mean_abs:.2e}")
+        c.print(table)
+
+
+def _interactive(as_json: bool) -> bool:
+    """Progress bars go to a terminal only: not into --json output, logs or pipes."""
+    return not as_json and sys.stderr.isatty()
 
 
 def _floats(text: str, option: str) -> list[float]:

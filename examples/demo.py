@@ -82,7 +82,7 @@ def main() -> None:
     zoo("compose", "minilm-sentiment+minilm-topic", "--fusion", "stack", "--name", "both-stacked")
     zoo("compose", "minilm-sentiment+minilm-topic", "--fusion", "weighted", "--method", "svd", "--rank", "8", "--weights", "0.6,0.6", "--name", "both-svd8")
     zoo("compose", "minilm-sentiment+minilm-topic", "--fusion", "attention", "--base", str(base), "--train", str(ROOT / "examples/data/reviews-train.jsonl"),
-        "--epochs", "4", "--lr", "3e-3", "--drop-train", "--name", "both-fused")
+        "--epochs", "2", "--lr", "1e-4", "--batch-size", "32", "--drop-train", "--name", "both-fused")
     zoo("list")
 
     step("7. Load each one onto the base and run it")

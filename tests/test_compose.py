@@ -124,3 +124,17 @@ def test_cli_compose_and_list(registered, zoo_cli):
     assert zoo_cli("compose", "a+b", "--name", "stacked")[0] == 0
     code, out, _ = zoo_cli("list", "--method", "stack")
     assert "stacked" in out and "a+b" in out
+
+
+def test_cli_merge_of_a_stack_equals_the_unmerged_stack(registered, zoo_cli, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    root, _, _ = registered
+    assert zoo_cli("compose", "a+b", "--name", "ab")[0] == 0
+    code, out, err = zoo_cli("merge", "ab", "--base", root / "base", "--out", tmp_path / "merged")
+    assert code == 0, err
+    assert out.startswith("merged ab into")
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged), logits(zoo.load(root / "base", adapters="ab")), atol=ATOL, rtol=0)
+    code, _, err = zoo_cli("merge", "ab", "--base", root / "base", "--out", tmp_path / "merged")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1  # refuses to overwrite

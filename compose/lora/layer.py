@@ -8,6 +8,10 @@ For each active adapter, in order, the layer adds to the base output y = W·x + 
 where y is the running output, as PEFT computes it (so a DoRA adapter also rescales the adapters
 before it). The adapter runs in its own dtype (fp32 over half-precision or quantized bases, as
 PEFT upcasts it): the input is cast to it and the sum cast back to the base output's dtype.
+
+Two hooks change that. With a `fusion` installed (AdapterFusion, `compose.fusion`) the layer returns
+y + fusion(y, stack(δᵢ)) over its fusion members' δᵢ = s·(B·A·x + β), whatever the active list says.
+With `skip` set (AdapterDrop, `compose.drop`) it returns the base output alone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.merge.report import QuantError
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -96,6 +101,9 @@ class LoraLayer(Delegating):
         self.active: tuple[LoraAdapter, ...] = ()  # the forward's loop, resolved once by set_active
         self.merged: list[tuple[LoraAdapter, torch.Tensor | None]] = []  # (adapter, DoRA factor f) in merge order
         self._bias0: torch.Tensor | None = None  # the bias before merging, which DoRA's bias update needs
+        self.fusion: nn.Module | None = None  # AdapterFusion over `fused` (a sub-module, so its tensors save as `<path>.fusion.*`)
+        self.fused: tuple[LoraAdapter, ...] = ()
+        self.skip = False  # AdapterDrop: no adapter computation in this layer
 
     def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
         """Register `adapter` under `name` (inactive until `set_active` names it)."""
@@ -107,6 +115,8 @@ class LoraLayer(Delegating):
             raise CompositionError("cannot remove an adapter from a merged LoRA layer; unmerge() it first")
         adapter = self.adapters.pop(name)
         self.active = tuple(ad for ad in self.active if ad is not adapter)
+        if adapter in self.fused:  # a fusion that lost a member has nothing left to attend over here
+            self.set_fusion(None)
 
     def set_active(self, names: list[str]) -> None:
         """Activate the adapters in `names` that this layer holds, in that order (others are skipped)."""
@@ -114,11 +124,21 @@ class LoraLayer(Delegating):
             raise CompositionError("cannot change the active adapters of a merged LoRA layer; unmerge() it first")
         self.active = tuple(self.adapters[n] for n in names if n in self.adapters)
 
+    def set_fusion(self, fusion: nn.Module | None, names: tuple[str, ...] = ()) -> None:
+        """Run `fusion(y, stack(δᵢ))` over adapters `names`, in that order, in place of the active adapters' sum (None: back to the sum)."""
+        self.fusion, self.fused = fusion, tuple(self.adapters[n] for n in names)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not self.active:
+        if self.merged or self.skip:
             return result
         out_dtype = result.dtype
+        if self.fusion is not None:
+            x = x.to(self.fused[0].lora_A.dtype)
+            deltas = torch.stack([F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias) * ad.scaling for ad in self.fused])
+            return (result + self.fusion(result.to(x.dtype), deltas)).to(out_dtype)
+        if not self.active:
+            return result
         for ad in self.active:
             x = x.to(ad.lora_A.dtype)
             lora = F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias)
@@ -153,17 +173,22 @@ class LoraLayer(Delegating):
         return weight.T if self.kind == "conv1d" else weight
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self) -> QuantError | None:
         """Fold the active adapters into the base weight (and bias), in place, so forward is the base alone.
 
         The same sequence the forward applies to y: LoRA adds s·B·A (and s·β); DoRA scales rows,
         W ← f·(W + s·B·A) and b − b₀ ← f·(b − b₀), with f from the unmerged W as the forward has it.
+
+        A bitsandbytes base is dequantized, merged in fp32 and quantized again with its own settings
+        (one round trip for all active adapters; PEFT makes one per adapter). That is lossy, unlike the
+        full-precision merge: returns the rounding it adds, |deq(Q(W')) − W'| with W' = deq(W_q) + ΔW
+        (None on other bases).
         """
-        if self.quantized:
-            raise CompositionError("cannot merge LoRA into a bitsandbytes-quantized layer; dequantize the model first")
         if self.merged:
-            return
-        weight, bias = self.base_weight(), self.base_layer.bias  # weight is a view: writes reach the base
+            return None
+        if self.fusion is not None or self.skip:
+            raise CompositionError("cannot merge a LoRA layer that runs an AdapterFusion or is dropped (AdapterDrop); detach_fusion / set_drop(model, 0) first")
+        weight, bias = self._weight_to_merge(), self.base_layer.bias
         factors = [None if ad.magnitude is None else (ad.magnitude / self._dora_norm(ad, ad.lora_A.dtype)) for ad in self.active]
         if any(ad.lora_bias is not None for ad in self.active) and bias is None:
             raise CompositionError("cannot merge lora_bias into a layer without a bias; keep the adapter unmerged")
@@ -179,11 +204,19 @@ class LoraLayer(Delegating):
                 if bias is not None:
                     bias.copy_(self._bias0 + f * (bias - self._bias0))
             self.merged.append((ad, f))
+        return self._store_merged(weight)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo `merge` (exact up to float rounding) so the adapters run in the forward again."""
-        weight, bias = self.base_weight(), self.base_layer.bias
+    def unmerge(self) -> QuantError | None:
+        """Undo `merge` (exact up to float rounding) so the adapters run in the forward again.
+
+        On a bitsandbytes base this is another dequantize/requantize round trip (as in PEFT), so the
+        weight does not come back exactly: every merge/unmerge cycle adds its rounding. Returns this
+        round trip's (None on other bases).
+        """
+        if not self.merged:
+            return None
+        weight, bias = self._weight_to_merge(), self.base_layer.bias
         while self.merged:
             ad, f = self.merged.pop()
             delta = ad.delta_weight().to(weight.dtype)
@@ -195,6 +228,19 @@ class LoraLayer(Delegating):
                 weight.div_(f.view(-1, 1)).sub_(delta)
                 if bias is not None:
                     bias.copy_(self._bias0 + (bias - self._bias0) / f)
+        return self._store_merged(weight)
+
+    def _weight_to_merge(self) -> torch.Tensor:
+        """W as (out, in) to merge into: a view of the base weight (writes reach it), or for bitsandbytes a dequantized fp32 copy."""
+        return self.base_weight().float() if self.quantized else self.base_weight()
+
+    def _store_merged(self, weight: torch.Tensor) -> QuantError | None:
+        """Quantize a bitsandbytes base's merged weight back into it, returning the rounding that adds."""
+        if not self.quantized:
+            return None
+        from compose.merge.bnb import requantize_layer
+
+        return requantize_layer(self.base_layer, weight)
 
 
 class SavedModule(Delegating):

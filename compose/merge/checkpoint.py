@@ -1,0 +1,314 @@
+"""Merging LoRA deltas into a checkpoint folder, streaming, out of core (mergekit's approach).
+
+    W' = W + Σᵢ sᵢ·Bᵢ·Aᵢ                         (fp32, then cast to the output dtype)
+    W' = deq(Q(W)) + Σᵢ sᵢ·Bᵢ·Aᵢ                 (quantize=: the base QLoRA trained against)
+
+One tensor at a time is read, merged (its ΔW built from the factors just then) and written, into
+shards with the base's names and sharding: peak memory is a few copies of the largest tensor plus the
+adapters' factors — less than one shard, never the whole model. Tensors are read with plain file
+reads rather than `safe_open`, whose memory map keeps every page of the open shard resident and whose
+`get_tensor` copies it once more. The folder is written under a temporary name and renamed at the
+end, so a failed merge leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from compose.errors import CompositionError
+from compose.merge.report import MergeReport, ModuleReport, QuantError
+from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_layout
+
+CONFIG_NAME = "config.json"
+QUANT_TYPES = ("nf4", "fp4", "int8")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class LoraDelta(NamedTuple):
+    """One adapter's s·B·A at one module: A (r, in), B (out, r). `fan_in_fan_out`: the base stores this
+    weight as (in, out) (GPT-2's Conv1D) — only consulted when the model's structure is unknown."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    fan_in_fan_out: bool = False
+
+
+def merge_checkpoint(
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    deltas: Mapping[str, Sequence[LoraDelta | tuple]],
+    *,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    dequantize: bool = False,
+    double_quant: bool = False,
+    on_tensor: Callable[[str, int, int], None] | None = None,
+) -> MergeReport:
+    """Write `base_dir`'s model with the LoRA `deltas` merged into it to the new folder `out_dir`.
+
+    Args:
+        base_dir: a `save_pretrained` folder with `model.safetensors` or a sharded
+            `model.safetensors.index.json`, and usually `config.json`, tokenizer files, ...
+        out_dir: a folder that does not exist or is empty. It gets the same shard names and sharding
+            (with the index's `total_size` updated), the config and every other top-level file of the
+            base except weight files in other formats (`*.bin`, `*.pth`, ...); sub-folders are not copied.
+        deltas: module path (as LoRA states key it, e.g. `model.layers.0.self_attn.q_proj`) → one
+            `LoraDelta(A, B, scaling, fan_in_fan_out)` per adapter; ΔW = Σ sᵢ·Bᵢ·Aᵢ, in fp32, goes into the
+            checkpoint tensor `<path>.weight` (tried as is, without its first component, or with a prefix
+            of the checkpoint added, so adapters of `XForCausalLM` and checkpoints of `XModel` mix).
+            GPT-2's Conv1D weights are stored (in, out): the delta is transposed for the modules the
+            model's config says are Conv1D (else where `fan_in_fan_out` says so).
+        dtype: the output dtype of floating tensors (`"bfloat16"`, `torch.float16`, ...; None: each
+            tensor's own). With `quantize`, also the dtype the base is loaded in before quantization.
+        quantize: `"nf4"` | `"fp4"` | `"int8"`: the adapters were trained (QLoRA) on the base as transformers
+            quantizes it with `BitsAndBytesConfig` (every Linear but the output head); the merge starts
+            from deq(Q(W)). The output is quantized again and loads with `from_pretrained(out_dir)` (its
+            `quantization_config` is in config.json) — unless `dequantize`.
+        dequantize: with `quantize`, write the exact deq(Q(W)) + ΔW in full precision (`dtype`): the
+            correct merge of a QLoRA adapter, with no second rounding.
+        double_quant: with 4-bit `quantize`, the base was quantized with `bnb_4bit_use_double_quant=True`.
+        on_tensor: called as `on_tensor(name, done, total)` after each tensor of the base (progress).
+
+    Returns:
+        A `MergeReport`: for each merged module, the error of the written weight against the exact
+        merge (the extra quantization error when requantized), plus sizes, time and peak memory.
+
+    Raises:
+        CompositionError: `out_dir` is not empty; the base has no safetensors weights, is already
+            quantized, or its model type is unknown (with `quantize`); a module of `deltas` is not in the
+            checkpoint or its delta's shape does not fit the weight.
+    """
+    start, start_peak = time.perf_counter(), _peak_rss()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if quantize not in (None, *QUANT_TYPES):
+        raise CompositionError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_TYPES)}")
+    if dequantize and quantize is None:
+        raise CompositionError("dequantize=True needs quantize= (the quantization the adapter was trained on)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CompositionError(f"{out_dir} exists and is not empty; merge into a new folder")
+    if isinstance(dtype, str):
+        if dtype not in FLOAT_DTYPES:
+            raise CompositionError(f"unknown dtype {dtype!r}; use one of {', '.join(FLOAT_DTYPES)}")
+        dtype = getattr(torch, dtype)
+    layout = read_layout(base_dir)
+    config = json.loads((base_dir / CONFIG_NAME).read_text()) if (base_dir / CONFIG_NAME).is_file() else {}
+    if "quantization_config" in config:
+        raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base with quantize=")
+    shapes = _shapes(base_dir, layout.shards)
+    conv1d, quantized = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
+    targets = _targets(deltas, shapes, conv1d)
+    conv1d = conv1d or set()
+
+    report = MergeReport(out_dir=out_dir, shards=layout.shards, dtype=dtype and str(dtype).removeprefix("torch."),
+                         quantize=quantize, dequantize=dequantize, start_peak_rss_bytes=start_peak)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        for shard in layout.shards:
+            with ShardReader(base_dir / shard) as f:
+                writer = ShardWriter(tmp / shard, f.metadata)
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    path, terms = targets.get(key, (None, None))
+                    method = quantize if key in quantized else None
+                    tensors, error = _merge_tensor(key, tensor, terms, dtype, key in conv1d, method, dequantize, double_quant)
+                    for name, t in tensors.items():
+                        writer.add(name, t)
+                        weight_map[name] = shard
+                    if path is not None:
+                        report.modules[path] = ModuleReport(key, len(terms), error)
+                    report.tensors += 1
+                    report.bytes_read += tensor.nbytes
+                    del tensor, tensors
+                    if on_tensor is not None:
+                        on_tensor(key, report.tensors, len(shapes))
+            report.bytes_written += writer.close()
+        _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant)
+        os.replace(tmp, out_dir)  # an empty out_dir is replaced too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds, report.peak_rss_bytes = time.perf_counter() - start, _peak_rss()
+    return report
+
+
+def _merge_tensor(
+    key: str, weight: torch.Tensor, terms: list | None, dtype: torch.dtype | None, conv1d: bool,
+    method: str | None, dequantize: bool, double_quant: bool,
+) -> tuple[dict[str, torch.Tensor], QuantError | None]:
+    """The output tensors for checkpoint tensor `key` (quantized with `method`, if given) and, if adapters
+    `terms` target it, the error of what is written against the exact merge.
+
+    Full precision: W + ΔW in fp32, cast to `dtype` once. Quantized: W is cast to `dtype` first, as
+    transformers loads it before quantizing. `weight` is consumed (merged in place when fp32)."""
+    dtype = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
+    if method is None:
+        if terms is None:
+            return {key: weight.to(dtype)}, None
+        exact = _add_deltas(weight.float(), terms)
+        out = exact.to(dtype)
+        return {key: out}, QuantError.between(out, exact)
+    bnb = _bnb()
+    weight = weight.to(dtype)
+    oriented = (lambda t: t.T) if conv1d else (lambda t: t)  # Q works on (out, in); Conv1D stores (in, out)
+    data, state = bnb.quantize(oriented(weight), method, double_quant)
+    module = key.removesuffix(".weight")
+    if terms is None and not dequantize:
+        return bnb.serialized(module, data, state), None
+    exact = _add_deltas(oriented(bnb.dequantize(data, state)).float(), terms or [])
+    if dequantize:
+        out = exact.to(weight.dtype)
+        return {key: out}, None if terms is None else QuantError.between(out, exact)
+    data, state = bnb.quantize(oriented(exact.to(weight.dtype)), method, double_quant)
+    return bnb.serialized(module, data, state), QuantError.between(oriented(bnb.dequantize(data, state)), exact)
+
+
+def _add_deltas(exact: torch.Tensor, terms: list) -> torch.Tensor:
+    """exact += sᵢ·Bᵢ·Aᵢ for one adapter after the other, in fp32 and in place, oriented like the stored
+    weight: PEFT's order of operations, so merges agree with it bit for bit. Each ΔW is built only when
+    its tensor is merged, so the adapters stay factored in memory."""
+    for a, b, scaling, transposed in terms:
+        delta = b.float() @ a.float()
+        delta *= scaling
+        exact += delta.T if transposed else delta
+    return exact
+
+
+def _bnb():
+    from compose.merge import bnb  # bitsandbytes loads only when a merge needs it
+
+    return bnb
+
+
+def _shapes(base_dir: Path, shards: list[str]) -> dict[str, list[int]]:
+    """Every tensor's shape, from the shards' headers."""
+    shapes = {}
+    for shard in shards:
+        if not (base_dir / shard).is_file():
+            raise CompositionError(f"{base_dir / shard} is missing; the index names it — download the whole checkpoint")
+        with ShardReader(base_dir / shard) as f:
+            shapes.update((k, f.shape(k)) for k in f.keys())
+    return shapes
+
+
+def find_key(path: str, keys: Collection[str]) -> str | None:
+    """The checkpoint key of module `path`'s weight: `<path>.weight` as is, without the first component
+    (an adapter of `XForCausalLM`, a checkpoint of `XModel`), or with a top-level prefix of the
+    checkpoint added (the other way round); None if none is there."""
+    candidates = [path, path.partition(".")[2]] + [f"{p}.{path}" for p in sorted({k.partition(".")[0] for k in keys})]
+    return next((f"{c}.weight" for c in candidates if c and f"{c}.weight" in keys), None)
+
+
+def _structure(
+    config: dict, shapes: dict, quantize: str | None, dtype: torch.dtype | None, double_quant: bool, base_dir: Path,
+) -> tuple[set[str] | None, set[str]]:
+    """Checkpoint keys of (Conv1D weights, weights transformers quantizes), from the model built on the
+    meta device; (None, ∅) if transformers does not know the model."""
+    model = _meta_model(config)
+    if model is None:
+        if quantize:
+            raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantize=")
+        return None, set()
+    from transformers.pytorch_utils import Conv1D
+
+    keys = lambda names: {k for k in (find_key(n, shapes) for n in names) if k is not None}  # noqa: E731
+    conv1d = keys(n for n, m in model.named_modules() if isinstance(m, Conv1D))
+    if not quantize:
+        return conv1d, set()
+    bnb, model_dtype = _bnb(), _model_dtype(config, dtype)
+    return conv1d, keys(bnb.quantized_modules(model, bnb.bnb_config(quantize, model_dtype, double_quant), model_dtype))
+
+
+def _meta_model(config: dict) -> nn.Module | None:
+    """The model `config` describes, on the meta device (structure, no memory); None if transformers does not know it."""
+    if not config.get("model_type"):  # weights without a config.json: nothing to build (and no transformers import)
+        return None
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    if config["model_type"] not in CONFIG_MAPPING:
+        return None
+    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    model_class = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    with torch.device("meta"):
+        return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+
+
+def _targets(deltas: Mapping[str, Sequence], shapes: dict[str, list[int]], conv1d: set[str] | None) -> dict[str, tuple[str, list]]:
+    """Checkpoint key → (module path, [(A, B, s, stored transposed?)]), all checked before anything is
+    written. Conv1D weights (stored (in, out)) are known from the model's structure, else from each
+    delta's `fan_in_fan_out`."""
+    targets = {}
+    for path, entries in deltas.items():
+        key = find_key(path, shapes)
+        if key is None:
+            raise CompositionError(f"module '{path}' has no weight in the base checkpoint (no '{path}.weight', also tried without/with a prefix); the adapter was trained for a different model")
+        if key in targets:
+            raise CompositionError(f"modules '{targets[key][0]}' and '{path}' both name checkpoint tensor '{key}'; give each module once")
+        terms = []
+        for entry in entries:
+            a, b, scaling, fan_in_fan_out = LoraDelta(*entry)
+            transposed = fan_in_fan_out if conv1d is None else key in conv1d
+            expected = [a.shape[1], b.shape[0]] if transposed else [b.shape[0], a.shape[1]]
+            if a.shape[0] != b.shape[1] or expected != list(shapes[key]):
+                raise CompositionError(
+                    f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} give a {tuple(expected)} delta but '{key}' "
+                    f"has shape {tuple(shapes[key])}{' (stored (in, out): fan_in_fan_out)' if transposed else ''}; the adapter was trained for a different model"
+                )
+            terms.append((a, b, scaling, transposed))
+        if terms:
+            targets[key] = (path, terms)
+    return targets
+
+
+def _write_config_and_files(
+    base_dir: Path, out: Path, config: dict, index: dict | None, weight_map: dict[str, str], total_size: int,
+    dtype: torch.dtype | None, quantize: str | None, dequantize: bool, double_quant: bool,
+) -> None:
+    """The index (if the base is sharded), config.json (new dtype / quantization_config) and the base's other files."""
+    if index is not None:
+        metadata = {**index.get("metadata", {}), "total_size": total_size}
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    for item in base_dir.iterdir():
+        if item.is_file() and item.name != CONFIG_NAME and not is_weight_file(item.name):
+            shutil.copy2(item, out / item.name)
+    if not config:
+        return
+    config = dict(config)
+    if dtype is not None:
+        for field in {"dtype", "torch_dtype"} & set(config) or {"dtype"}:
+            config[field] = str(dtype).removeprefix("torch.")
+    if quantize and not dequantize:
+        config["quantization_config"] = _bnb().bnb_config(quantize, _model_dtype(config, dtype), double_quant).to_dict()
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _model_dtype(config: dict, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the model is loaded in: `dtype`, else its config's, else fp32."""
+    return dtype or getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes: Linux's VmHWM (unlike `ru_maxrss`, it does
+    not count memory a parent process held before exec), else `ru_maxrss`."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

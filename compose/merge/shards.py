@@ -1,0 +1,137 @@
+"""Safetensors files read and written one tensor at a time, so that a merge holds one tensor, never a shard.
+
+Format: 8 bytes (little-endian header length), a JSON header {name: {dtype, shape, data_offsets}},
+then the tensors' bytes, back to back. The reader reads each tensor with plain file reads into a
+fresh tensor. The writer sends each tensor's bytes straight to a spool file, one per element size,
+and `close` writes the header followed by the spools, largest elements first: the order
+safetensors' own writer uses so that every tensor starts aligned (the format allows no gaps).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from compose.errors import CompositionError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+@dataclass
+class Layout:
+    """A checkpoint's weight files: shard names in order, and its index (None for a single file)."""
+
+    shards: list[str]
+    index: dict | None
+
+
+def read_layout(folder: Path) -> Layout:
+    """The safetensors weights of a `save_pretrained` folder: `model.safetensors`, or the shards that
+    `model.safetensors.index.json` names.
+
+    Raises:
+        CompositionError: neither file is there.
+    """
+    if (folder / INDEX_NAME).is_file():
+        index = json.loads((folder / INDEX_NAME).read_text())
+        return Layout(sorted(set(index["weight_map"].values())), index)
+    if (folder / WEIGHTS_NAME).is_file():
+        return Layout([WEIGHTS_NAME], None)
+    raise CompositionError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; save the base with save_pretrained(safe_serialization=True)")
+
+
+def is_weight_file(name: str) -> bool:
+    """Files that hold a model's weights in some format (never copied next to merged weights)."""
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")) or name.endswith(".index.json")
+
+
+class ShardReader:
+    """A safetensors file read one tensor at a time with plain reads, so only the tensor being read is
+    resident (`safe_open` memory-maps the file: every page read stays resident until it closes, and
+    `get_tensor` copies it once more)."""
+
+    def __init__(self, path: Path):
+        self.path, self._file = path, open(path, "rb", buffering=0)
+        size = struct.unpack("<Q", self._file.read(8))[0]
+        header = json.loads(self._file.read(size))
+        self.metadata: dict[str, str] | None = header.pop("__metadata__", None)
+        self._entries, self._data_start = header, 8 + size
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def shape(self, key: str) -> list[int]:
+        return self._entries[key]["shape"]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]])
+        buffer, done = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
+        self._file.seek(self._data_start + start)
+        while done < end - start:  # raw reads may return less than asked
+            n = self._file.readinto(buffer[done:])
+            if not n:
+                raise CompositionError(f"{self.path} is truncated (tensor '{key}'); download it again")
+            done += n
+        return tensor
+
+
+class ShardWriter:
+    """Writes the safetensors file `path` tensor by tensor (`add`), in constant memory; `close` finishes it."""
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        self.path, self.metadata = path, metadata
+        self._spools: dict[int, BinaryIO] = {}
+        self._entries: list[tuple[int, str, str, list[int], int, int]] = []  # (element size, name, dtype, shape, start, end) in its spool
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        size = tensor.element_size()
+        if size not in self._spools:
+            self._spools[size] = tempfile.TemporaryFile(dir=self.path.parent)
+        spool = self._spools[size]
+        start = spool.tell()
+        spool.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
+        self._entries.append((size, name, _DTYPES[tensor.dtype], list(tensor.shape), start, spool.tell()))
+
+    def close(self) -> int:
+        """Write the file and return the number of tensor bytes in it."""
+        order = sorted(self._spools, reverse=True)
+        base, offset = {}, 0
+        for size in order:
+            base[size], offset = offset, offset + self._spools[size].tell()
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        for size, name, dtype, shape, start, end in sorted(self._entries, key=lambda e: (-e[0], e[4])):
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [base[size] + start, base[size] + end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-aligned, as safetensors pads it
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for size in order:
+                spool = self._spools.pop(size)
+                spool.seek(0)
+                shutil.copyfileobj(spool, f, 1 << 20)
+                spool.close()
+        return offset

@@ -1,0 +1,123 @@
+"""`zoo merge`: fold LoRA adapters into a base checkpoint folder, streaming shard by shard.
+
+    >>> from zoo.merge import merge
+    >>> report = merge([(config, state)], base="Llama-3.2-1B", out="merged", quantize="nf4", dequantize=True)  # doctest: +SKIP
+
+Torch loads only when a merge runs, so the CLI can import this module at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from compose.lora.config import LoraConfig
+from compose.merge.report import MergeReport
+from zoo.errors import ZooError
+
+if TYPE_CHECKING:
+    import torch
+
+PathLike = str | os.PathLike
+
+
+def merge(
+    adapters: list[tuple[LoraConfig, dict[str, torch.Tensor]]],
+    *,
+    base: PathLike,
+    out: PathLike,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    dequantize: bool = False,
+    double_quant: bool = False,
+    progress: bool = False,
+) -> MergeReport:
+    """Write `base` with the LoRA `adapters` merged into it (W + Σᵢ sᵢ·Bᵢ·Aᵢ) to the new folder `out`.
+
+    Args:
+        adapters: (config, state) per adapter, states keyed as the engine takes them
+            (`<module>.lora_A.weight`, `<module>.lora_B.weight`); several adapters add up (stacked).
+        base: a local `save_pretrained` folder with safetensors weights (one file or sharded).
+        out: the folder to create (absent or empty); same shards, config and tokenizer files as `base`.
+        dtype: output dtype of floating tensors ('bfloat16', 'float16', 'float32'; None: unchanged).
+        quantize: 'nf4' | 'fp4' | 'int8' — the adapters were trained (QLoRA) on the base quantized so by
+            bitsandbytes: merge into deq(Q(W)), and write the result quantized again (loads with
+            `from_pretrained(out)`), or in full precision with `dequantize`.
+        dequantize: with `quantize`, write deq(Q(W)) + ΔW in `dtype` — the exact merge of a QLoRA adapter.
+        double_quant: with 4-bit `quantize`, QLoRA's double quantization (`bnb_4bit_use_double_quant`).
+        progress: show a progress bar over the base's tensors (on stderr).
+
+    Returns:
+        The `MergeReport`: per module, the error of the written weight against the exact merge (the
+        extra quantization error when requantized); sizes, time, peak memory.
+
+    Raises:
+        ZooError: `base` is not a folder; an adapter uses DoRA, lora_bias or modules_to_save (merge those
+            in memory: `zoo.load(..., merge=True)` then `save_pretrained`).
+        CompositionError: a module is not in the checkpoint, a shape does not fit, `out` is not empty.
+    """
+    from compose.merge.checkpoint import merge_checkpoint
+
+    if not os.path.isdir(base):
+        raise ZooError(f"base {os.fspath(base)!r} is not a folder", "download the base model first (save_pretrained or `hf download`) and pass its folder")
+    deltas = lora_deltas(adapters)
+    kwargs = dict(dtype=dtype, quantize=quantize, dequantize=dequantize, double_quant=double_quant)
+    if not progress:
+        return merge_checkpoint(base, out, deltas, **kwargs)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None)
+        return merge_checkpoint(base, out, deltas, **kwargs,
+                                on_tensor=lambda name, done, total: bar.update(task, completed=done, total=total, description=name))
+
+
+def merge_adapters(
+    adapters: str | list[str],
+    *,
+    base: PathLike,
+    out: PathLike,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    dequantize: bool = False,
+    progress: bool = False,
+    registry: PathLike | None = None,
+) -> MergeReport:
+    """`merge` by name: registered adapters, folders, or a stack / weighted composition ('a+b' adds up).
+
+    Example:
+        >>> zoo.merge("llama-sql", base="Llama-3.2-1B", out="llama-sql-merged", dtype="bf16")  # doctest: +SKIP
+    """
+    from zoo.loading import resolve
+
+    resolved = resolve(adapters, registry=registry)
+    if resolved.fusion:
+        raise ZooError("an attention fusion computes per input and cannot be merged into weights", "merge its members (stack) instead")
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if dtype is not None and dtype not in dtypes and dtype not in dtypes.values():
+        raise ZooError(f"unknown dtype {dtype!r}", "use fp32, bf16 or fp16")
+    return merge([(a.config, a.state) for a in resolved.adapters], base=base, out=out, dtype=dtypes.get(dtype, dtype),
+                 quantize=quantize, dequantize=dequantize, progress=progress)
+
+
+def lora_deltas(adapters: list[tuple[LoraConfig, dict[str, torch.Tensor]]]) -> dict:
+    """Module path → one `LoraDelta(A, B, scaling, fan_in_fan_out)` per adapter that targets it, in order."""
+    from compose.merge.checkpoint import LoraDelta
+
+    deltas: dict[str, list] = {}
+    for config, state in adapters:
+        unsupported = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if config.use_dora or unsupported:
+            what = "DoRA" if config.use_dora else f"tensor '{unsupported[0]}' (lora_bias or modules_to_save)"
+            raise ZooError(f"cannot stream-merge an adapter with {what}: only plain LoRA factors merge into a checkpoint",
+                           "merge it in memory: zoo.load(base, adapters, merge=True).save_pretrained(out)")
+        modules = {k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+        lonely = modules ^ {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")}
+        if lonely:
+            raise ZooError(f"module '{sorted(lonely)[0]}' lacks lora_A or lora_B", "the adapter file is incomplete; re-save it")
+        for module in sorted(modules):
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            deltas.setdefault(module, []).append(LoraDelta(a, b, config.scaling_for(module), config.fan_in_fan_out))
+    return deltas
