@@ -285,6 +285,46 @@ def merge(
         c.print(table)
 
 
+@app.command()
+def run(
+    base: Annotated[str, typer.Argument(help="Base model: a local folder or a Hub id.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Input text (repeatable).")],
+    adapters: Annotated[Optional[str], typer.Option(help="Adapters / compositions joined by '+'.")] = None,
+    fusion: Annotated[Optional[str], typer.Option(help="stack | weighted | attention (for several adapters).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="fusion weighted: comma-separated weights.")] = None,
+    method: Annotated[str, typer.Option(help="fusion weighted: combination method.")] = "svd",
+    rank: Annotated[Optional[int], typer.Option(help="fusion weighted, svd methods: rank.")] = None,
+    drop: Annotated[int, typer.Option(help="AdapterDrop: no adapter computation in the first K layers.")] = 0,
+    quantize: Annotated[Optional[str], typer.Option(help="nf4 | fp4 | int8: load the base quantized (bitsandbytes).")] = None,
+    merge: Annotated[bool, typer.Option(help="Fold the LoRA deltas into the weights first.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Causal LMs: tokens to generate (greedy).")] = 32,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a base with adapters and run it: a causal LM generates; an encoder prints sentence-embedding similarities."""
+    from zoo.runner import run_prompts
+
+    result = run_prompts(
+        base, prompt, adapters=adapters, fusion=fusion, weights=_floats(weights, "--weights") if weights else None, method=method,
+        rank=rank, drop=drop, quantize=quantize, merge=merge, max_new_tokens=max_new_tokens, registry=registry,
+    )
+    if as_json:
+        return print_json(result)
+    if "generated" in result:
+        for p, text in zip(prompt, result["generated"]):
+            typer.echo(f"> {p}\n{text}\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"cosine similarity of the sentence embeddings ({result['seconds'] * 1e3:.0f} ms)")
+    table.add_column("")
+    for i in range(len(prompt)):
+        table.add_column(str(i + 1), justify="right")
+    for i, (p, row) in enumerate(zip(prompt, result["similarity"])):
+        table.add_row(f"{i + 1}. {p}", *(f"{x:.2f}" for x in row))
+    console().print(table)
+
+
 def _interactive(as_json: bool) -> bool:
     """Progress bars go to a terminal only: not into --json output, logs or pipes."""
     return not as_json and sys.stderr.isatty()

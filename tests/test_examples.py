@@ -59,3 +59,22 @@ def test_real_minilm_equals_peft(adapters):
         expected = reference.eval()(**batch).last_hidden_state
         torch.testing.assert_close(ours(**batch).last_hidden_state, expected, atol=1e-5, rtol=0)
         assert (expected - AutoModel.from_pretrained(minilm_path())(**batch).last_hidden_state).abs().max() > 1e-2
+
+
+def test_cli_run_with_fusion_and_drop_equals_python(zoo_cli):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from examples.common import embed
+
+    prompts = ["The soup was superb.", "What a miserable flight."]
+    args = ["--adapters", "minilm-sentiment+minilm-topic", "--fusion", "attention", "--drop", "2", "--registry", SHIPPED]
+    code, out, err = zoo_cli("run", minilm_path(), "-p", prompts[0], "-p", prompts[1], *args, "--json")
+    assert code == 0, err
+    model = zoo.load(minilm_path(), adapters="minilm-sentiment+minilm-topic", fusion="attention", drop=2, registry=SHIPPED)
+    e = embed(model, AutoTokenizer.from_pretrained(minilm_path()), prompts)
+    torch.testing.assert_close(torch.tensor(json.loads(out)["similarity"]), e @ e.T, atol=1e-5, rtol=0)
+    undropped = zoo.load(minilm_path(), adapters="minilm-sentiment+minilm-topic", fusion="attention", registry=SHIPPED)
+    u = embed(undropped, AutoTokenizer.from_pretrained(minilm_path()), prompts)
+    assert (u - e).abs().max() > 1e-3  # the drop really removed work

@@ -117,3 +117,31 @@ def test_missing_base_is_one_line(tmp_path, llama_setup):
     _, _, a, _ = llama_setup
     with pytest.raises(ZooError, match="cannot load base model"):
         zoo.load(tmp_path / "no-such-base", adapters=[str(a)])
+
+
+def test_merge_and_unmerge_in_memory(llama_setup):
+    root, base, a, b = llama_setup
+    unmerged = logits_of(zoo.load(root / "base", adapters=[str(a), str(b)]))
+    model = zoo.load(root / "base", adapters=[str(a), str(b)], merge=True)
+    assert model.zoo_merge_errors == {}  # full precision: nothing to report
+    torch.testing.assert_close(logits_of(model), unmerged, atol=ATOL, rtol=0)
+    zoo.unmerge(model)
+    zoo.detach(model)
+    torch.testing.assert_close(logits_of(model), logits_of(base), atol=1e-5, rtol=0)
+
+
+def test_load_quantized_merge_reports_the_error(llama_setup, tmp_path):
+    base = tiny_llama(hidden=64)
+    base.save_pretrained(tmp_path / "base")
+    adapter = make_peft_adapter(base, tmp_path / "q", r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = zoo.load(tmp_path / "base", adapters=[str(adapter)], quantize="nf4", merge=True)
+    errors = model.zoo_merge_errors
+    assert set(errors) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert all(0 < e.mean_abs <= e.max_abs for e in errors.values())
+    with pytest.raises(ZooError, match="unknown quantization"):
+        zoo.load(tmp_path / "base", adapters=[str(adapter)], quantize="nf3")
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(token_ids()).logits

@@ -4,8 +4,14 @@ The public API (`zoo.add`, `zoo.load`, ...) lives in `zoo.api`; importing `zoo` 
 """
 
 from zoo.api import add, list_adapters, remove, schema, show, verify
+from zoo.composition import compose
 from zoo.errors import ZooError
-from zoo.loading import detach, load
+from zoo.hub import pull, push, search
+from zoo.loading import detach, load, unmerge
+from zoo.merge import merge_adapters as merge
 
-__all__ = ["ZooError", "add", "detach", "list_adapters", "load", "remove", "schema", "show", "verify"]
+__all__ = [
+    "ZooError", "add", "compose", "detach", "list_adapters", "load", "merge", "pull", "push", "remove", "schema",
+    "search", "show", "unmerge", "verify",
+]
 __version__ = "0.1.0"

@@ -229,14 +229,29 @@ def load(
 
         set_drop(model, drop)
     if merge:
-        from compose.lora.layer import LoraLayer
-
         if resolved.fusion or drop:
             raise ZooError("merge=True folds plain LoRA deltas; a fusion or AdapterDrop cannot be merged into weights")
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.merge()
+        model.zoo_merge_errors = merge_in_memory(model)
     return model.eval()
+
+
+def merge_in_memory(model: torch.nn.Module) -> dict[str, Any]:
+    """Fold every active LoRA into its base weight (W += Σ s·B·A); on bitsandbytes layers dequantize, add
+    and requantize, returning each module's extra quantization error (max/mean abs) — peft only warns."""
+    from compose.lora.layer import LoraLayer
+
+    return {path: err for path, m in model.named_modules() if isinstance(m, LoraLayer) and (err := m.merge()) is not None}
+
+
+def unmerge(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `load(..., merge=True)`: subtract the deltas again (exact up to float rounding on fp bases;
+    on quantized bases the round trip requantizes, so the error grows with each cycle, as in peft)."""
+    from compose.lora.layer import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and m.merged:
+            m.unmerge()
+    return model
 
 
 def detach(model: torch.nn.Module, name: str | None = None) -> torch.nn.Module:

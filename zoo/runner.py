@@ -1,0 +1,36 @@
+"""`zoo run`: load a base with adapters and run prompts through it — generation for causal LMs,
+sentence-embedding similarities (mean pooling) for encoders."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from zoo.api import PathLike
+
+
+def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, registry: PathLike | None = None, **load_kwargs: Any) -> dict[str, Any]:
+    """Run `prompts` through `zoo.load(base, **load_kwargs)`; returns what was generated or the similarity matrix."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from compose.objectives import mean_pool
+    from zoo.loading import load
+
+    adapters = load_kwargs.pop("adapters", None) or ()
+    model = load(base, adapters, registry=registry, **load_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            batch = tokenizer(prompts, return_tensors="pt", padding=True)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            return {"generated": texts, "seconds": time.perf_counter() - start}
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
+        hidden = model(**batch).last_hidden_state
+        embeddings = mean_pool(hidden, batch["attention_mask"])
+        return {"similarity": (embeddings @ embeddings.T).tolist(), "seconds": time.perf_counter() - start}
