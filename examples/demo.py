@@ -29,11 +29,11 @@ def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m")
 
 
-def zoo(*args: str, show: bool = True) -> str:
+def zoo(*args: str, show: bool = True, env: dict[str, str] | None = None) -> str:
     """Run the real CLI; show the command and its output unless `show` is off."""
     if show:
         print(f"$ zoo {' '.join(args)}")
-    result = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "110"})
+    result = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "140", **(env or {})})
     if show:
         print(result.stdout, end="")
     if result.returncode:
@@ -41,8 +41,8 @@ def zoo(*args: str, show: bool = True) -> str:
     return result.stdout
 
 
-def zoo_json(*args: str):
-    return json.loads(zoo(*args, "--json", show=False))
+def zoo_json(*args: str, env: dict[str, str] | None = None):
+    return json.loads(zoo(*args, "--json", show=False, env=env))
 
 
 def main() -> None:
@@ -90,7 +90,27 @@ def main() -> None:
 
     step("8. Merge into the base: a 4-bit (nf4) checkpoint, with the extra quantization error per module")
     zoo("merge", "minilm-sentiment", "--base", str(base), "--out", str(SCRATCH / "merged-nf4"), "--quantize", "nf4")
+
+    step("9. Push → pull round trip through a LOCAL STAND-IN for the Hugging Face Hub (tests/hubserver.py on 127.0.0.1)")
+    hub_round_trip()
     print("\ndone — scratch zoo in .demo/ (delete it any time)")
+
+
+def hub_round_trip() -> None:
+    """The real huggingface_hub client against the test suite's Hub-compatible server (no network)."""
+    from tests.hubserver import HubServer
+
+    with HubServer(token="hf_demo_token") as server:
+        env = server.client_env(SCRATCH / "hf-home")
+        print(f"(stand-in Hub at {server.endpoint}; on the real Hub leave HF_ENDPOINT unset and set HF_TOKEN)")
+        zoo("push", "both-svd8", "demo/minilm-both-svd8", env=env)
+        zoo("pull", "demo/minilm-both-svd8", "--name", "both-svd8-from-hub", env=env)
+        zoo("search", "--base", "sentence-transformers/all-MiniLM-L6-v2", env=env)
+        pushed, pulled = zoo_json("show", "both-svd8"), zoo_json("show", "both-svd8-from-hub")
+        same = [f["sha256"] for f in pushed["files"]] == [f["sha256"] for f in pulled["files"]]
+        print(f"pulled files {'are byte-identical to' if same else 'DIFFER from'} the pushed ones; pinned at commit {pulled['source']['revision'][:12]}")
+        if not same:
+            sys.exit("demo failed: the Hub round trip changed the files")
 
 
 ROWS = [
