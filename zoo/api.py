@@ -216,7 +216,7 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
             if (source / f.path).is_file():
                 got = store.put(source / f.path, f.path)
                 if got.sha256 != f.sha256:
-                    raise ZooError(f"{source / f.path} changed since it was registered (sha256 {got.sha256[:12]}… != {f.sha256[:12]}…)", f"re-add it under a new name")
+                    raise ZooError(f"{source / f.path} changed since it was registered (sha256 {got.sha256[:12]}… != {f.sha256[:12]}…)", "re-add it under a new name")
     return store.adapter_dir(manifest)
 
 

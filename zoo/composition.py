@@ -105,7 +105,7 @@ def _members(adapters: list[ResolvedAdapter]) -> list[MemberRef]:
     refs = []
     for a in adapters:
         if a.manifest is None:
-            raise ZooError(f"{a.name} is a folder, not a registered adapter", f"`zoo add` it first, then compose by name")
+            raise ZooError(f"{a.name} is a folder, not a registered adapter", "`zoo add` it first, then compose by name")
         weights = a.manifest.file(peft_format.SAFETENSORS_NAME)
         refs.append(MemberRef(name=a.manifest.name, version=a.manifest.version, sha256=weights.sha256))
     return refs

@@ -322,7 +322,7 @@ def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) 
         "", "## Use it", "", "With adapter-zoo:", "", "```bash", f"zoo pull {pull_ref}", "```", "",
     ]
     if isinstance(m, CompositionManifest):
-        lines += [f"`zoo pull` needs the members above in the local registry first, under those names and with those weights.", ""]
+        lines += ["`zoo pull` needs the members above in the local registry first, under those names and with those weights.", ""]
     q = json.dumps  # Python string literals in the snippets
     lines += ["```python", "import zoo", "", f"model = zoo.load({q(base or 'BASE_MODEL')}, {q(m.name)})", "```", ""]
     if isinstance(m, AdapterManifest):
