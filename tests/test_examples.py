@@ -78,3 +78,36 @@ def test_cli_run_with_fusion_and_drop_equals_python(zoo_cli):
     undropped = zoo.load(minilm_path(), adapters="minilm-sentiment+minilm-topic", fusion="attention", registry=SHIPPED)
     u = embed(undropped, AutoTokenizer.from_pretrained(minilm_path()), prompts)
     assert (u - e).abs().max() > 1e-3  # the drop really removed work
+
+
+def test_compose_attention_untrained_trained_and_pruned(tmp_path):
+    """zoo compose --fusion attention end to end on the real base: registered, loadable, prunable."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from examples.common import DATA, embed
+
+    registry = tmp_path / "registry.json"
+    for name in ("minilm-sentiment", "minilm-topic"):
+        zoo.add(ADAPTERS / name, registry=registry)
+    members = "minilm-sentiment+minilm-topic"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["The soup was superb.", "What a miserable flight."]
+
+    untrained = zoo.compose(members, fusion="attention", name="avg", base=minilm_path(), registry=registry)
+    assert untrained.kind == "composition" and [m.name for m in untrained.members] == ["minilm-sentiment", "minilm-topic"]
+    on_the_fly = zoo.load(minilm_path(), adapters=members, fusion="attention", registry=registry)
+    torch.testing.assert_close(embed(zoo.load(minilm_path(), adapters="avg", registry=registry), tokenizer, texts), embed(on_the_fly, tokenizer, texts), atol=1e-5, rtol=0)
+
+    rows = [json.loads(line) for line in open(DATA / "reviews-train.jsonl")][:24]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trained = zoo.compose(members, fusion="attention", name="fused", base=minilm_path(), train=data, epochs=1, lr=1e-3, batch_size=8, prune_below=0.0, registry=registry)
+    assert trained.fusion_config.members == ["minilm-sentiment", "minilm-topic"] and trained.source.recipe["epochs"] == 1
+    assert (embed(zoo.load(minilm_path(), adapters="fused", registry=registry), tokenizer, texts) - embed(on_the_fly, tokenizer, texts)).abs().max() > 1e-4
+    with pytest.raises(ZooError, match="would remove every member"):
+        zoo.compose(members, fusion="attention", name="none-left", base=minilm_path(), train=data, batch_size=8, prune_below=1.01, registry=registry)
+    with pytest.raises(ZooError, match="needs data"):
+        zoo.compose(members, fusion="attention", name="no-data", base=minilm_path(), prune_below=0.2, registry=registry)
+    assert {m.name for m in zoo.list_adapters(registry=registry)} == {"minilm-sentiment", "minilm-topic", "avg", "fused"}
