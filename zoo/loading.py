@@ -32,7 +32,6 @@ _AUTO_CLASS_FOR_TASK = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-_QUANTIZE = ("nf4", "fp4", "int8")
 
 
 @dataclass
@@ -115,14 +114,15 @@ def quantization_config_for(quantize: str | None) -> Any:
     """'nf4' | 'fp4' | 'int8' → a transformers `BitsAndBytesConfig` (what QLoRA trains on)."""
     if quantize is None:
         return None
-    if quantize not in _QUANTIZE:
-        raise ZooError(f"unknown quantization {quantize!r}", f"use one of {', '.join(_QUANTIZE)}")
-    import torch
-    from transformers import BitsAndBytesConfig
+    from compose.merge.checkpoint import QUANT_TYPES
 
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch.float32)
+    if quantize not in QUANT_TYPES:
+        raise ZooError(f"unknown quantization {quantize!r}", f"use one of {', '.join(QUANT_TYPES)}")
+    import torch
+
+    from compose.merge.bnb import bnb_config
+
+    return bnb_config(quantize, torch.float32)
 
 
 def load_base(

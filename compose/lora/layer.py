@@ -161,15 +161,12 @@ class LoraLayer(Delegating):
     def base_weight(self) -> torch.Tensor:
         """W as (out, in): a view of the base's weight, or a dequantized copy for bitsandbytes bases."""
         weight = self.base_layer.weight
-        if self.kind == "bnb4":
-            import bitsandbytes.functional as bnbf
+        if self.quantized:
+            from compose.merge.bnb import dequantize
 
-            return bnbf.dequantize_4bit(weight.data, weight.quant_state)
-        if self.kind == "bnb8":
-            import bitsandbytes.functional as bnbf
-
-            scb = self.base_layer.state.SCB
-            return bnbf.int8_vectorwise_dequant(weight.data, weight.SCB if scb is None else scb)
+            scb = self.base_layer.state.SCB if self.kind == "bnb8" else None
+            state = weight.quant_state if self.kind == "bnb4" else (weight.SCB if scb is None else scb)
+            return dequantize(weight.data, state)
         return weight.T if self.kind == "conv1d" else weight
 
     @torch.no_grad()
