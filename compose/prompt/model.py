@@ -1,0 +1,205 @@
+"""Attach soft prompts (prompt tuning, P-tuning) to a transformers model, and take them off again.
+
+No wrapper: a forward pre-hook on the model the user calls turns `input_ids` into embeddings and
+prepends the prompts [P₁; P₂; …; E(x)] (attached adapters concatenate, in attach order), exactly as
+PEFT's `PeftModel.forward` does:
+
+- `attention_mask` gets T ones in front; `position_ids` are dropped (the model counts positions over
+  the virtual tokens too);
+- a causal LM (one that can `generate`) gets `labels` with T × -100 in front and loses `token_type_ids`;
+  other models (classifiers) get `token_type_ids` with T zeros in front;
+- the output has the T virtual positions too (logits of shape (B, T + L, V) for a causal LM).
+
+The prompt goes in on the first call of a sequence only (no cache, or an empty one); a call that
+continues a cache (`generate`'s later steps) just extends the mask, since the cache already holds the
+prompt's keys and values. The model remembers its prompts in `model._compose_prompt`.
+
+A PEFT classifier adapter also saves the trained head (`classifier.weight`, ...: PEFT's
+`modules_to_save`); such tensors are installed as LoRA's `modules_to_save` copies, under the same name.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from compose.errors import CompositionError
+from compose.prompt.config import PromptConfig
+
+PROMPT_KEY = "prompt_embeddings"
+
+
+def attach_prompt(model: nn.Module, name: str, config: PromptConfig, state: dict[str, torch.Tensor]) -> None:
+    """
+    Attach soft prompt `name` to `model` in place, active at once after the prompts already attached.
+
+    Args:
+        model (`nn.Module`):
+            a transformers model (`XForCausalLM`, `XForSequenceClassification`, `XModel`, ...): the module whose
+            forward the user calls. `model.generate` works too.
+        name (`str`):
+            the adapter's name, unique among the model's prompts.
+        config ([`PromptConfig`]):
+            its `num_virtual_tokens` T and `token_dim` D.
+        state (`dict[str, torch.Tensor]`):
+            `{"prompt_embeddings": (T, D)}` as PEFT saves it (for P-tuning, the encoder's output), plus the full
+            tensors of a trained head if the adapter has one (`classifier.weight`, keyed relative to the model).
+
+    Raises:
+        [`CompositionError`]: `name` is taken; the tensor is missing or its shape disagrees with the config, with
+            the prompts already attached or with the model's embedding width; prefix adapters are attached.
+    """
+    registry = getattr(model, "_compose_prompt", None)
+    if registry is not None and name in registry["prompts"]:
+        raise CompositionError(f"prompt '{name}' is already attached; detach_prompt(model, '{name}') first or choose another name")
+    if getattr(model, "_compose_prefix", None) is not None:
+        raise CompositionError(f"cannot attach prompt '{name}' while prefix adapters are attached (one prompt-learning method at a time, as in PEFT); detach_prefix first")
+    if config.num_transformer_submodules != 1:
+        raise CompositionError(f"prompt '{name}' has num_transformer_submodules={config.num_transformer_submodules} (an encoder-decoder prompt); only decoder-only and encoder-only models are supported")
+    prompt, heads = split_state(name, state)
+    expected = (config.num_virtual_tokens, config.token_dim)
+    if tuple(prompt.shape) != expected:
+        raise CompositionError(f"prompt '{name}': {PROMPT_KEY} has shape {tuple(prompt.shape)}, expected (num_virtual_tokens, token_dim) = {expected}; fix the adapter config")
+    for other, p in (registry or {"prompts": {}})["prompts"].items():
+        if p.shape[1] != config.token_dim:
+            raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but attached prompt '{other}' has {p.shape[1]}; stacked prompts must share a width")
+    embeddings = model.get_input_embeddings()
+    if embeddings.embedding_dim != config.token_dim:
+        raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but {type(model).__name__}'s input embeddings are {embeddings.embedding_dim} wide; the adapter was trained for a different model")
+    kwarg = cache_kwarg(model)
+    attach_heads(model, name, heads)
+
+    if registry is None:
+        registry = model._compose_prompt = {"prompts": {}, "cache": kwarg, "causal": is_causal_lm(model)}
+        registry["hook"] = model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+    registry["prompts"][name] = prompt.detach().to(embeddings.weight.device)
+    registry["prompt"] = torch.cat(list(registry["prompts"].values()))
+
+
+def detach_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
+    """
+    Take prompt `name` (None: all prompts) off `model` and return it; with none left the hook goes and the
+    model is exactly as before.
+
+    Raises:
+        [`CompositionError`]: `name` is not attached.
+    """
+    registry = getattr(model, "_compose_prompt", None)
+    attached = list(registry["prompts"]) if registry is not None else []
+    if name is not None and name not in attached:
+        raise CompositionError(f"prompt '{name}' is not attached; attached prompts: {attached}")
+    for n in attached if name is None else [name]:
+        del registry["prompts"][n]
+        detach_heads(model, n)
+    if attached and not registry["prompts"]:
+        registry["hook"].remove()
+        del model._compose_prompt
+    elif attached:
+        registry["prompt"] = torch.cat(list(registry["prompts"].values()))
+    return model
+
+
+def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward pre-hook: [P; E(x)] on a sequence's first call, the mask extended on every call."""
+    registry = model._compose_prompt
+    kwargs = call_kwargs(model, args, kwargs)
+    prompt = registry["prompt"]
+    n = prompt.shape[0]
+    cache = get_cache(kwargs, registry["cache"])
+    ids = kwargs.get("input_ids")
+    batch = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+    if cache is None or cache.get_seq_length() == 0:
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = model.get_input_embeddings()(ids)
+        kwargs.pop("input_ids", None)
+        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds).expand(batch, -1, -1), embeds], dim=1)
+        if registry["causal"] and kwargs.get("labels") is not None:
+            labels = kwargs["labels"]
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        if not registry["causal"] and kwargs.get("token_type_ids") is not None:
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+    kwargs.pop("position_ids", None)  # PEFT ignores them: positions run over the virtual tokens as well
+    if registry["causal"]:
+        kwargs.pop("token_type_ids", None)  # PEFT's causal-LM model drops them
+    extend_mask(kwargs, batch, n)
+    return (), kwargs
+
+
+# Shared with compose.prefix: how the hooks read and rewrite a transformers forward call.
+
+
+def split_state(name: str, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(prompt_embeddings, the other tensors: a trained head's) of a prompt-learning adapter's state."""
+    if PROMPT_KEY not in state:
+        raise CompositionError(f"adapter '{name}' has no '{PROMPT_KEY}' tensor (found {sorted(state)[:4]}); is it a prompt-learning adapter?")
+    if state[PROMPT_KEY].dim() != 2:
+        raise CompositionError(f"adapter '{name}': {PROMPT_KEY} has shape {tuple(state[PROMPT_KEY].shape)}, expected 2 dimensions (num_virtual_tokens, width)")
+    return state[PROMPT_KEY], {k: v for k, v in state.items() if k != PROMPT_KEY}
+
+
+def attach_heads(model: nn.Module, name: str, heads: dict[str, torch.Tensor]) -> None:
+    """Install a prompt adapter's trained head tensors (PEFT's modules_to_save) as LoRA's full-module copies."""
+    if heads:
+        from compose.lora.config import LoraConfig
+        from compose.lora.model import attach_lora
+
+        attach_lora(model, name, LoraConfig(r=1, lora_alpha=1), heads)  # full tensors only: r and alpha are unused
+
+
+def detach_heads(model: nn.Module, name: str) -> None:
+    """Remove the head copies `attach_heads` installed for `name`, if any."""
+    lora = getattr(model, "_compose_lora", None)
+    if lora is not None and name in lora["attached"]:
+        from compose.lora.model import detach_lora
+
+        detach_lora(model, name)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which `model` takes its KV cache: `cache` (transformers ≥ 5.2x) or `past_key_values`.
+
+    A head model that only forwards `**kwargs` (e.g. `BertForSequenceClassification`) is read through its
+    `base_model`.
+    """
+    for module in (model, getattr(model, "base_model", model)):
+        params = inspect.signature(module.forward).parameters
+        for kwarg in ("cache", "past_key_values"):
+            if kwarg in params:
+                return kwarg
+    raise CompositionError(f"{type(model).__name__}.forward takes no KV cache (cache / past_key_values); prompt learning needs a transformers attention model")
+
+
+def get_cache(kwargs: dict, kwarg: str):
+    """The cache passed in `kwargs`, under the model's name for it or the deprecated `past_key_values`
+    (moved to the model's name), or None."""
+    if kwargs.get(kwarg) is None and kwargs.get("past_key_values") is not None:
+        kwargs[kwarg] = kwargs.pop("past_key_values")
+    return kwargs.get(kwarg)
+
+
+def call_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """All arguments of a `model(...)` call as keywords (positional ones named by the forward's signature)."""
+    if not args:
+        return dict(kwargs)
+    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def extend_mask(kwargs: dict, batch: int, n: int) -> None:
+    """Prepend n ones (the virtual tokens are always visible) to a 2-D `attention_mask`."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return
+    if mask.dim() != 2:
+        raise CompositionError(f"prompt learning needs a 2-D attention_mask (batch, length), got shape {tuple(mask.shape)}; pass the padding mask, not a prepared 4-D one (e.g. no static cache)")
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a generative LM (PEFT's CAUSAL_LM task): it can `generate`."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate and can_generate())
