@@ -46,7 +46,7 @@ from zoo.formats import peft as peft_format
 from zoo.merge import merge
 from pathlib import Path
 base, adapter, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-config, _ = peft_format.lora_config_from_peft(peft_format.read_json_config(adapter / peft_format.CONFIG_NAME))
+config, _ = peft_format.config_from_peft(peft_format.read_json_config(adapter / peft_format.CONFIG_NAME))
 state = peft_format.strip_prefix(peft_format.load_state(adapter / peft_format.SAFETENSORS_NAME))
 with torch.device("meta"):  # transformers' model code loads on first use: count it in the baseline, as for PEFT
     getattr(transformers, "LlamaForCausalLM")(transformers.AutoConfig.from_pretrained(base))

@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.ia3.layer import IA3Layer
 from compose.lora.layer import LoraLayer
+
+#: The per-layer adapter modules AdapterDrop switches off (each has a `skip` flag its forward obeys).
+DROPPABLE_LAYERS: tuple[type[nn.Module], ...] = (LoraLayer, IA3Layer)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
 
@@ -47,22 +51,28 @@ def num_layers(model: nn.Module) -> int:
 def set_drop(model: nn.Module, k: int) -> None:
     """Run no adapter (and no fusion) in the first `k` layers; `k = 0` runs them everywhere again.
 
-    Applies to the LoRA layers attached now: call it after attaching.
+    Applies to the adapter layers (LoRA, IA3, bottleneck) attached now: call it after attaching.
 
     Raises:
-        CompositionError: `k` is outside [0, L], or `k > 0` with a merged LoRA layer (its adapters live in the weights).
+        CompositionError: `k` is outside [0, L], or `k > 0` with a merged layer (its adapters live in the weights).
     """
     total = num_layers(model)
     if not 0 <= k <= total:
         raise CompositionError(f"drop k={k} is outside [0, {total}] for this {total}-layer model")
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, LoraLayer)]
-    merged = [path for path, m in layers if m.merged]
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, DROPPABLE_LAYERS)]
+    merged = [path for path, m in layers if _is_merged(m)]
     if k and merged:
-        raise CompositionError(f"LoRA layer '{merged[0]}' is merged; unmerge() it before dropping adapters")
+        raise CompositionError(f"adapter layer '{merged[0]}' is merged; unmerge() it before dropping adapters")
     for path, m in layers:
         index = layer_index(path)
         m.skip = index is not None and index < k
     model._compose_drop = k
+
+
+def _is_merged(layer: nn.Module) -> bool:
+    """LoRA layers keep a list of merged adapters, IA3 layers the merged product (None when unmerged)."""
+    merged = getattr(layer, "merged", None)
+    return merged is not None and not (isinstance(merged, list) and not merged)
 
 
 def current_drop(model: nn.Module) -> int:

@@ -28,7 +28,7 @@ def adapter_dir(tmp_path_factory) -> Path:
 def test_add_list_show_remove_roundtrip(zoo_cli, adapter_dir):
     code, out, err = zoo_cli("add", adapter_dir, "--name", "g", "--task", "poems", "--tag", "demo")
     assert code == 0, err
-    assert out.startswith("added g@1: lora r=4, 1,024 params")
+    assert out.startswith("added g@1: lora r=4 α=8, 1,024 params")
     code, out, _ = zoo_cli("list", "--json")
     entries = json.loads(out)
     assert [(e["name"], e["version"], e["task"], e["size"]["trainable_params"]) for e in entries] == [("g", 1, "poems", 1024)]

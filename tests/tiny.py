@@ -87,7 +87,7 @@ def load_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.T
     """A saved PEFT adapter as the engine takes it: its config, and tensors keyed relative to the model."""
     from zoo.formats import peft as peft_format
 
-    config, _ = peft_format.lora_config_from_peft(peft_format.read_json_config(Path(adapter_dir) / peft_format.CONFIG_NAME))
+    config, _ = peft_format.config_from_peft(peft_format.read_json_config(Path(adapter_dir) / peft_format.CONFIG_NAME))
     return config, peft_format.strip_prefix(peft_format.load_state(Path(adapter_dir) / peft_format.SAFETENSORS_NAME))
 
 

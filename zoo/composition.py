@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from compose.errors import CompositionError
 from compose.lora.config import LoraConfig
+from compose.methods import check_composition
 from zoo.api import PathLike, open_registry, open_store, register, register_folder
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
@@ -33,6 +34,18 @@ _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 def _modules(adapter: ResolvedAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module path: (A, B)} of one adapter."""
     return {k.removesuffix(".lora_A.weight"): (v, adapter.state[k.removesuffix("A.weight") + "B.weight"]) for k, v in adapter.state.items() if k.endswith(".lora_A.weight")}
+
+
+def as_lora(adapter: ResolvedAdapter) -> ResolvedAdapter:
+    """An AdaLoRA adapter as the LoRA adapter that computes the same (other methods unchanged)."""
+    if adapter.config.method != "adalora":
+        return adapter
+    from dataclasses import replace
+
+    from compose.adalora.model import adalora_to_lora
+
+    config, state = adalora_to_lora(adapter.config, adapter.state)
+    return replace(adapter, config=config, state=state)
 
 
 def check_members(adapters: list[ResolvedAdapter]) -> None:
@@ -57,9 +70,10 @@ def combine_adapters(
     adapters: list[ResolvedAdapter], weights: Iterable[float] | None, *, method: str = "svd", rank: int | None = None,
     density: float | None = None, seed: int = 0, name: str = "weighted",
 ) -> ResolvedAdapter:
-    """One LoRA adapter computing the weighted combination of `adapters`, module by module.
+    """One adapter computing the weighted combination of `adapters`: IA3 adapters give one IA3 vector set
+    (l = Σ wᵢ·lᵢ, peft's rule); LoRA and AdaLoRA adapters one LoRA, module by module.
 
-    Each module combines the adapters that target it. The result has scaling 1 everywhere
+    Each module combines the adapters that target it. The LoRA result has scaling 1 everywhere
     (lora_alpha = r, per-module rank/alpha patterns where ranks differ), as peft's
     `add_weighted_adapter` writes it — but without peft's rsLoRA slip (#3761).
     """
@@ -70,6 +84,10 @@ def combine_adapters(
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise ZooError(f"{len(weights)} weights for {len(adapters)} adapters", "give one weight per adapter")
+    check_composition([(a.name, a.config.method) for a in adapters], fusion="weighted")
+    if adapters[0].config.method == "ia3":
+        return _combine_ia3(adapters, weights, name)
+    adapters = [as_lora(a) for a in adapters]
     check_members(adapters)
     for a in adapters:
         if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias:
@@ -101,12 +119,25 @@ def combine_adapters(
     return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
 
 
+def _combine_ia3(adapters: list[ResolvedAdapter], weights: list[float], name: str) -> ResolvedAdapter:
+    from compose.ia3.config import combine_ia3_configs
+    from compose.ia3.model import combine_ia3
+
+    try:
+        state = combine_ia3([a.state for a in adapters], weights)
+        config = combine_ia3_configs([a.config for a in adapters])
+    except CompositionError as e:
+        raise ZooError(f"{'+'.join(a.name for a in adapters)}: {e}") from None
+    first = adapters[0]
+    return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
+
+
 def _members(adapters: list[ResolvedAdapter]) -> list[MemberRef]:
     refs = []
     for a in adapters:
         if a.manifest is None:
             raise ZooError(f"{a.name} is a folder, not a registered adapter", "`zoo add` it first, then compose by name")
-        weights = a.manifest.file(peft_format.SAFETENSORS_NAME)
+        weights = a.manifest.weights
         refs.append(MemberRef(name=a.manifest.name, version=a.manifest.version, sha256=weights.sha256))
     return refs
 
@@ -154,6 +185,7 @@ def compose(
         raise ZooError("a fusion cannot be a member of another composition", "compose its members instead")
     members = resolved.adapters
     refs = _members(members)
+    check_composition([(a.name, a.config.method) for a in members], fusion=fusion)
     if len(members) < 2:
         raise ZooError("a composition needs at least two adapters", "write a+b")
     check_members(members)

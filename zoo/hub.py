@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_store, register, register_folder
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
-from zoo.formats.peft import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from zoo.formats.folder import WEIGHTS_NAMES
+from zoo.formats.peft import CONFIG_NAME
 from zoo.loading import FUSION_WEIGHTS
-from zoo.manifest import AdapterManifest, CompositionManifest, Manifest, Source, check_name, parse_manifest
+from zoo.manifest import METHOD_TITLES, AdapterManifest, CompositionManifest, Manifest, Source, check_name, method_summary, parse_manifest
 from zoo.store import CHUNK, sha256_file
 from zoo.units import human_bytes
 
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
 
 ZOO_MANIFEST = "zoo.json"  # the manifest as pushed: `pull` restores it
 CARD_NAME = "README.md"
-# What `pull` fetches when the repo has it; a pickle only when there is no safetensors.
-FETCHED = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, FUSION_WEIGHTS, ZOO_MANIFEST, CARD_NAME)
+# What `pull` fetches when the repo has it (PEFT or AdapterHub files); a pickle only when there is no safetensors.
+FETCHED = (CONFIG_NAME, *(name for names in WEIGHTS_NAMES.values() for name in names), FUSION_WEIGHTS, ZOO_MANIFEST, CARD_NAME)
+_SAFETENSORS_OF_PICKLE = {pickle: safetensors for safetensors, pickle in WEIGHTS_NAMES.values()}
 # PEFT task types -> the Hub's pipeline tags.
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
@@ -144,7 +146,7 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(f, RepoFile)}
         if CONFIG_NAME not in tree and ZOO_MANIFEST not in tree:
             raise ZooError(f"{where} holds neither {CONFIG_NAME} nor {ZOO_MANIFEST}", "is it an adapter repo? (see its files on the Hub)")
-        wanted = [p for p in FETCHED if p in tree and not (p == PICKLE_NAME and SAFETENSORS_NAME in tree)]
+        wanted = [p for p in FETCHED if p in tree and _SAFETENSORS_OF_PICKLE.get(p) not in tree]
         folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=wanted))
     for path in wanted:
         _check_against_hub(folder / path, tree[path], where)
@@ -201,7 +203,7 @@ def _restore(folder: Path, source: Source, name: str | None, where: str, registr
                 "the repo's files changed after `zoo push`: push the adapter again",
             )
     if isinstance(manifest, AdapterManifest):  # sizes and ranks are measured, never taken from input
-        if manifest.file(SAFETENSORS_NAME) is None or measure_size(folder / SAFETENSORS_NAME, manifest.method) != manifest.size:
+        if manifest.weights is None or measure_size(folder / manifest.weights.path, manifest.method) != manifest.size:
             raise ZooError(f"{where}: the sizes in {ZOO_MANIFEST} are not those of its weights", "push the adapter again")
     update: dict[str, Any] = {"name": name or manifest.name, "version": 1, "source": source}
     if isinstance(manifest, CompositionManifest):
@@ -217,7 +219,7 @@ def _local_members(composition: CompositionManifest, where: str, registry: PathL
     reg = open_registry(registry)
     members = []
     for member in composition.members:
-        local = [m for m in reg.versions(member.name) if (w := m.file(SAFETENSORS_NAME)) and w.sha256 == member.sha256]
+        local = [m for m in reg.versions(member.name) if isinstance(m, AdapterManifest) and (w := m.weights) and w.sha256 == member.sha256]
         if not local:
             raise ZooError(
                 f"{where}: composition member {member.name!r} (weights sha256 {member.sha256[:12]}…) is not in the registry",
@@ -283,7 +285,7 @@ def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> M
     base = manifest.base_model.name_or_path if is_hub_id(manifest.base_model.name_or_path) else None
     tags = [manifest.label, "adapter-zoo", *manifest.tags, *([f"base_model:adapter:{base}"] if base else [])]
     data = ModelCardData(
-        library_name="peft" if isinstance(manifest, AdapterManifest) else None,
+        library_name=({"peft": "peft", "adapterhub": "adapter-transformers"}[manifest.format] if isinstance(manifest, AdapterManifest) else None),
         base_model=base,
         base_model_relation="adapter" if base else None,
         pipeline_tag=PIPELINE_TAGS.get(getattr(manifest, "task_type", None) or ""),
@@ -299,12 +301,13 @@ def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) 
     lines = [f"# {m.name}", ""]
     if isinstance(m, AdapterManifest):
         c = m.method
-        targets = c.target_modules if isinstance(c.target_modules, str) or c.target_modules is None else ", ".join(sorted(c.target_modules))
-        variant = " (DoRA)" if c.use_dora else ""
+        targets = getattr(c, "target_modules", None)
+        targets = targets if isinstance(targets, str) or targets is None else ", ".join(sorted(targets))
+        library = "AdapterHub `adapters`" if m.format == "adapterhub" else "PEFT"
         lines += [
-            f"A {'LoRA' if c.method == 'lora' else c.method}{variant} adapter{on}, pushed by adapter-zoo from `{m.ref}`.", "",
+            f"A {METHOD_TITLES[c.method]} adapter{on} ({library} format), pushed by adapter-zoo from `{m.ref}`.", "",
             "| | |", "|---|---|",
-            f"| method | {c.method} r={c.r}, alpha={c.lora_alpha}{', rsLoRA' if c.use_rslora else ''}{variant} |",
+            f"| method | {c.method} {method_summary(c)} |",
             f"| target modules | {targets or '-'} |",
         ]
     else:
@@ -325,7 +328,12 @@ def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) 
         lines += ["`zoo pull` needs the members above in the local registry first, under those names and with those weights.", ""]
     q = json.dumps  # Python string literals in the snippets
     lines += ["```python", "import zoo", "", f"model = zoo.load({q(base or 'BASE_MODEL')}, {q(m.name)})", "```", ""]
-    if isinstance(m, AdapterManifest):
+    if isinstance(m, AdapterManifest) and m.format == "adapterhub":
+        lines += [
+            "With AdapterHub `adapters` (its folder layout, as saved by `save_adapter`):", "", "```python", "import adapters", "",
+            "adapters.init(model)", f"name = model.load_adapter({q(repo_id)})", "model.set_active_adapters(name)", "```", "",
+        ]
+    elif isinstance(m, AdapterManifest):
         revision = f", revision={q(branch)}" if branch else ""
         lines += [
             "With PEFT:", "", "```python", "from peft import PeftModel", "from transformers import AutoModel", "",

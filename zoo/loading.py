@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from compose.fusion.config import FusionConfig
-from compose.lora.config import LoraConfig
-from zoo.api import PathLike, adapter_folder, open_registry, read_adapter_folder, split_adapters
+from zoo.api import PathLike, adapter_folder, open_registry, split_adapters
 from zoo.errors import ZooError
-from zoo.formats import peft as peft_format
-from zoo.manifest import AdapterManifest, CompositionManifest
+from zoo.formats.folder import load_adapter_state, read_adapter_folder
+from zoo.manifest import AdapterManifest, CompositionManifest, MethodConfig
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +38,7 @@ class ResolvedAdapter:
     """An adapter ready for the engine: its name, config, tensors (paths relative to the model)."""
 
     name: str
-    config: LoraConfig
+    config: MethodConfig
     state: dict[str, torch.Tensor]
     task_type: str | None = None
     architecture: str | None = None
@@ -56,10 +55,9 @@ class Resolved:
 
 
 def _from_manifest(manifest: AdapterManifest, registry: PathLike | None) -> ResolvedAdapter:
-    folder = adapter_folder(manifest, registry=registry)
-    state = peft_format.load_state(folder / peft_format.SAFETENSORS_NAME)
+    state = load_adapter_state(adapter_folder(manifest, registry=registry), manifest.format)
     return ResolvedAdapter(
-        manifest.name, manifest.method, peft_format.strip_prefix(state), manifest.task_type,
+        manifest.name, manifest.method, state, manifest.task_type,
         manifest.base_model.architecture, manifest.base_model.name_or_path, manifest,
     )
 
@@ -71,11 +69,10 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
         if Path(item).is_dir():
             with tempfile.TemporaryDirectory() as work:
                 adapter = read_adapter_folder(Path(item), allow_pickle=allow_pickle, workdir=Path(work))
-                state = peft_format.load_state(adapter.weights)
-            raw = adapter.raw_config
+            state = load_adapter_state(Path(item), adapter.format, allow_pickle=allow_pickle)
             out.adapters.append(ResolvedAdapter(
-                Path(item).resolve().name, adapter.config, peft_format.strip_prefix(state), raw.get("task_type"),
-                (raw.get("auto_mapping") or {}).get("base_model_class"), raw.get("base_model_name_or_path"),
+                Path(item).resolve().name, adapter.config, state, adapter.task_type,
+                adapter.base_model.architecture, adapter.base_model.name_or_path,
             ))
             continue
         manifest = open_registry(registry).resolve(item)
@@ -98,7 +95,7 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
 
 def _member(composition: CompositionManifest, member, registry: PathLike | None) -> ResolvedAdapter:
     manifest = open_registry(registry).resolve(f"{member.name}@{member.version}")
-    weights = manifest.file(peft_format.SAFETENSORS_NAME)
+    weights = manifest.weights if isinstance(manifest, AdapterManifest) else None
     if not isinstance(manifest, AdapterManifest) or weights is None or weights.sha256 != member.sha256:
         raise ZooError(f"{composition.ref}: member {member.name}@{member.version} is not the adapter it was composed from", "re-compose it")
     return _from_manifest(manifest, registry)
@@ -106,7 +103,8 @@ def _member(composition: CompositionManifest, member, registry: PathLike | None)
 
 def _num_labels(adapter: ResolvedAdapter) -> int | None:
     """A classification head saved in modules_to_save fixes the label count (last Linear's out features)."""
-    heads = [k for k in adapter.state if k.endswith(".weight") and any(k.startswith(m + ".") or f".{m}." in k for m in adapter.config.modules_to_save)]
+    saved = getattr(adapter.config, "modules_to_save", None) or []
+    heads = [k for k in adapter.state if k.endswith(".weight") and any(k.startswith(m + ".") or f".{m}." in k for m in saved)]
     return adapter.state[max(heads, key=lambda k: k.count("."))].shape[0] if heads else None
 
 
@@ -126,11 +124,17 @@ def quantization_config_for(quantize: str | None) -> Any:
 
 
 def load_base(
-    base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None, **kwargs: Any
+    base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None,
+    trust_remote_code: bool = False, **kwargs: Any,
 ) -> torch.nn.Module:
-    """`from_pretrained` with the class the adapter was trained on (task type, else its recorded architecture)."""
+    """`from_pretrained` with the class the adapter was trained on (task type, else its recorded architecture).
+    A base that needs its own code is refused unless `trust_remote_code=True` (never implied)."""
     import transformers
 
+    from zoo.safety import refuse_remote_code
+
+    refuse_remote_code(base, trust_remote_code, revision=kwargs.get("revision"))
+    kwargs["trust_remote_code"] = trust_remote_code
     if model_class is None:
         name = _AUTO_CLASS_FOR_TASK.get(task_type or "") or (architecture if hasattr(transformers, architecture or "") else "AutoModel")
         model_class = getattr(transformers, name)
@@ -141,7 +145,7 @@ def load_base(
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ZooError(f"base model {str(base)!r} needs its own (remote) code", "pass trust_remote_code=True (--trust-remote-code) if you trust it") from None
-        raise
+        raise ZooError(f"cannot load base model {str(base)!r}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def load(
@@ -188,11 +192,15 @@ def load(
     """
     import torch
 
-    from compose.lora.model import attach_lora
+    from compose.methods import attach, check_composition
 
     resolved = resolve(adapters, registry=registry, allow_pickle=allow_pickle) if adapters else Resolved()
     if fusion not in (None, "stack", "weighted", "attention"):
         raise ZooError(f"unknown fusion {fusion!r}", "use stack, weighted or attention")
+    check_composition(
+        [(a.name, a.config.method) for a in resolved.adapters],
+        fusion="attention" if resolved.fusion else fusion, merge=merge, drop=drop,
+    )
     if fusion == "weighted":
         from zoo.composition import combine_adapters
 
@@ -219,9 +227,9 @@ def load(
             trust_remote_code=trust_remote_code, **kwargs, **from_pretrained_kwargs,
         )
     for adapter in resolved.adapters:
-        attach_lora(model, adapter.name, adapter.config, adapter.state)
+        attach(model, adapter.name, adapter.config, adapter.state)
     if resolved.fusion:
-        from compose.fusion.model import attach_fusion
+        from compose.methods import attach_fusion
 
         attach_fusion(model, *resolved.fusion)
     if drop:
@@ -236,29 +244,27 @@ def load(
 
 
 def merge_in_memory(model: torch.nn.Module) -> dict[str, Any]:
-    """Fold every active LoRA into its base weight (W += Σ s·B·A); on bitsandbytes layers dequantize, add
-    and requantize, returning each module's extra quantization error (max/mean abs) — peft only warns."""
-    from compose.lora.layer import LoraLayer
+    """Fold every active LoRA/AdaLoRA (W += Σ s·B·A) and IA3 adapter (W, b scaled by l) into the base
+    weights; on bitsandbytes layers dequantize, add and requantize, returning each module's extra
+    quantization error (max/mean abs) — peft only warns."""
+    from compose.methods import merge
 
-    return {path: err for path, m in model.named_modules() if isinstance(m, LoraLayer) and (err := m.merge()) is not None}
+    return merge(model)
 
 
 def unmerge(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `load(..., merge=True)`: subtract the deltas again (exact up to float rounding on fp bases;
-    on quantized bases the round trip requantizes, so the error grows with each cycle, as in peft)."""
-    from compose.lora.layer import LoraLayer
+    """Undo `load(..., merge=True)`: exact up to float rounding on fp bases; on quantized bases the round
+    trip requantizes, so the error grows with each cycle, as in peft."""
+    from compose.methods import unmerge as unmerge_all
 
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and m.merged:
-            m.unmerge()
-    return model
+    return unmerge_all(model)
 
 
 def detach(model: torch.nn.Module, name: str | None = None) -> torch.nn.Module:
     """Take adapter `name` (default: all, and any fusion) off a model returned by `load`."""
-    from compose.fusion.model import detach_fusion
-    from compose.lora.model import detach_lora
+    from compose.methods import detach as detach_adapter
+    from compose.methods import detach_fusion
 
     if name is None:
         detach_fusion(model)
-    return detach_lora(model, name)
+    return detach_adapter(model, name)

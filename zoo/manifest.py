@@ -13,12 +13,46 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from compose.adalora.config import AdaLoraConfig
 from compose.fusion.config import FusionConfig
+from compose.ia3.config import IA3Config
 from compose.lora.config import LoraConfig
+from compose.prefix.config import PrefixConfig
+from compose.prompt.config import PromptConfig
 from zoo.errors import ZooError
 
-#: One member per method; later methods join this union.
-MethodConfig = Annotated[Union[LoraConfig], Field(discriminator="method")]
+#: One member per method the engine implements (`compose.methods.METHODS`), told apart by `method`.
+MethodConfig = Annotated[
+    Union[LoraConfig, AdaLoraConfig, IA3Config, PromptConfig, PrefixConfig],  # BOTTLENECK-PENDING
+    Field(discriminator="method"),
+]
+
+#: The weights file of each folder layout, as stored (pickles are converted on import).
+WEIGHTS_FILES = {"peft": "adapter_model.safetensors", "adapterhub": "adapter.safetensors"}
+
+#: How people write each method's name.
+METHOD_TITLES = {
+    "lora": "LoRA", "adalora": "AdaLoRA", "ia3": "(IA)³", "prompt": "prompt-tuning", "ptuning": "P-tuning",
+    "prefix": "prefix-tuning", "bottleneck": "bottleneck", "mam": "MAM",
+}
+
+
+def method_summary(config: Any) -> str:
+    """A few words on an adapter's shape beside its method name, for tables and cards: 'r=8 α=16', '30 tokens'."""
+    m = config.method
+    if m == "lora":
+        ranks = "/".join(map(str, sorted({config.r, *config.rank_pattern.values()})))
+        return f"r={ranks} α={config.lora_alpha:g}" + (" rsLoRA" if config.use_rslora else "") + (" DoRA" if config.use_dora else "")
+    if m == "adalora":
+        return f"r={config.init_r}→{config.target_r}"
+    if m in ("prompt", "ptuning", "prefix"):
+        return f"{config.num_virtual_tokens} tokens"
+    if m == "bottleneck":
+        return config.variant
+    if m == "mam":
+        return f"{config.prefix.num_virtual_tokens} tokens + parallel"
+    return "-"
+
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -155,6 +189,7 @@ class AdapterManifest(_Entry):
 
     kind: Literal["adapter"] = "adapter"
     method: MethodConfig
+    format: Literal["peft", "adapterhub"] = Field("peft", description="Which library's folder layout the stored files follow.")
     task_type: str | None = Field(None, description="PEFT task_type, e.g. CAUSAL_LM, SEQ_CLS.")
     extra_config: dict[str, Any] = Field(
         default_factory=dict, description="Keys of the adapter config this version does not know, kept verbatim."
@@ -163,6 +198,11 @@ class AdapterManifest(_Entry):
     @property
     def label(self) -> str:
         return self.method.method
+
+    @property
+    def weights(self) -> FileEntry | None:
+        """The stored weights file (compositions pin members by its sha256)."""
+        return self.file(WEIGHTS_FILES[self.format])
 
 
 class CompositionManifest(_Entry):

@@ -92,9 +92,18 @@ def merge_adapters(
     """
     from zoo.loading import resolve
 
+    from compose.methods import check_composition
+    from zoo.composition import as_lora
+
     resolved = resolve(adapters, registry=registry)
     if resolved.fusion:
         raise ZooError("an attention fusion computes per input and cannot be merged into weights", "merge its members (stack) instead")
+    check_composition([(a.name, a.config.method) for a in resolved.adapters], merge=True)
+    scaled = [a.name for a in resolved.adapters if a.config.method == "ia3"]
+    if scaled:
+        raise ZooError(f"IA3 adapter '{scaled[0]}' scales weights rather than adding a delta; the streaming merge adds LoRA deltas only",
+                       "merge it in memory: zoo.load(base, adapters, merge=True).save_pretrained(out)")
+    resolved.adapters = [as_lora(a) for a in resolved.adapters]
     dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     if dtype is not None and dtype not in dtypes and dtype not in dtypes.values():
         raise ZooError(f"unknown dtype {dtype!r}", "use fp32, bf16 or fp16")

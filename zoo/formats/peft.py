@@ -12,26 +12,36 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compose.lora.config import LoraConfig
 from zoo.errors import ZooError
 
 if TYPE_CHECKING:
     import torch
 
+    from zoo.manifest import MethodConfig
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"  # prompt learning methods save this one top-level tensor
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KB
 
-# PEFT LoraConfig keys, by what they mean for a loaded adapter.
-_LORA_FIELDS = set(LoraConfig.model_fields) - {"method"}
+#: PEFT's peft_type → the engine's method name (its config class is `compose.methods.METHODS[name][0]`).
+PEFT_TYPES = {"LORA": "lora", "ADALORA": "adalora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning"}
 _METADATA_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "auto_mapping", "peft_version", "inference_mode"}
 # Only used while training or to pick targets (the weights name the modules): no effect on outputs.
 _TRAINING_KEYS = {
     "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "ensure_weight_tying", "megatron_config", "megatron_core", "exclude_modules", "layers_to_transform",
     "layers_pattern", "runtime_config", "qalora_group_size",
+    # AdaLoRA's rank allocation schedule
+    "beta1", "beta2", "deltaT", "tinit", "tfinal", "total_step", "orth_reg_weight",
+    # initialisation of IA3 vectors, prefixes, prompts and P-tuning's encoder (a saved file holds the result)
+    "init_ia3_weights", "init_weights", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
+    "prompt_tuning_init_text", "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
+    "encoder_dropout", "prefix_projection",
+    # where a method has no such field, the file's tensors already say it (saved heads, one prompt stack)
+    "modules_to_save", "num_transformer_submodules",
 }
 # Change the forward pass when set; refused rather than silently computed wrong.
 _UNSUPPORTED_KEYS = {
@@ -54,6 +64,8 @@ def read_json_config(path: Path, what: str = CONFIG_NAME) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ZooError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ZooError(f"{path} nests too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ZooError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -63,70 +75,81 @@ def _is_unset(value: Any) -> bool:
     return value in (None, False, "none", {}, [])
 
 
-def lora_config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[LoraConfig, dict[str, Any]]:
-    """Map a PEFT LoRA `adapter_config.json` onto `LoraConfig`.
+def config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[MethodConfig, dict[str, Any]]:
+    """Map a PEFT `adapter_config.json` onto the engine's config for its `peft_type`.
 
-    Returns the config and the keys this version does not know (kept verbatim, with a warning, as PEFT
-    itself does for configs written by a newer PEFT).
+    Keys the config class has are taken; training-only keys are dropped; keys that would change the
+    forward pass in a way the engine does not implement are refused. Returns the config and the keys
+    this version does not know (kept verbatim, with a warning, as PEFT itself does for configs written
+    by a newer PEFT).
     """
-    if cfg.get("peft_type") != "LORA":
-        raise ZooError(f"{where}: peft_type is {cfg.get('peft_type')!r}", "only LORA adapters are supported so far")
+    from compose.methods import METHODS
+
+    method = PEFT_TYPES.get(cfg.get("peft_type"))
+    if method is None:
+        raise ZooError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported", f"supported: {', '.join(PEFT_TYPES)}")
+    config_class = METHODS[method][0]
     if cfg.get("bias", "none") != "none":
         raise ZooError(f"{where}: bias={cfg['bias']!r} is not supported", "re-train with bias='none' (the default)")
     for key in sorted(_UNSUPPORTED_KEYS & cfg.keys()):
         if not _is_unset(cfg[key]):
             raise ZooError(f"{where}: PEFT feature {key}={cfg[key]!r} is not supported by adapter-zoo yet")
-    unknown = {k: v for k, v in cfg.items() if k not in _LORA_FIELDS | _METADATA_KEYS | _TRAINING_KEYS | _UNSUPPORTED_KEYS | {"bias"}}
+    fields = set(config_class.model_fields) - {"method"}
+    unknown = {k: v for k, v in cfg.items() if k not in fields | _METADATA_KEYS | _TRAINING_KEYS | _UNSUPPORTED_KEYS | {"bias"}}
     if unknown:
         warnings.warn(f"{where}: ignoring unknown config keys {sorted(unknown)} (kept in the manifest)", UnknownConfigKeysWarning, stacklevel=2)
-    fields = {k: v for k, v in cfg.items() if k in _LORA_FIELDS and v is not None}
+    values = {k: v for k, v in cfg.items() if k in fields and v is not None}
     try:
-        return LoraConfig.model_validate(fields), unknown
+        return config_class.model_validate({**values, "method": method}), unknown
     except Exception as e:  # pydantic.ValidationError, reported by field
         from zoo.manifest import validation_message
 
         raise ZooError(validation_message(e, where)) from None
 
 
-def peft_config_from_lora(config: LoraConfig, *, base_model: str | None, task_type: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `adapter_config.json` PEFT (and vLLM) load for `config`."""
+def peft_config_for(config: MethodConfig, *, base_model: str | None, task_type: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` PEFT (and vLLM, for LoRA) load for `config`."""
+    peft_type = next(t for t, m in PEFT_TYPES.items() if m == config.method)
     cfg: dict[str, Any] = {
         **(extra or {}),
         **config.model_dump(exclude={"method"}),
-        "peft_type": "LORA",
+        "peft_type": peft_type,
         "task_type": task_type,
         "base_model_name_or_path": base_model,
-        "bias": "none",
-        "lora_dropout": 0.0,
         "inference_mode": True,
     }
-    if not cfg["modules_to_save"]:
+    if config.method in ("lora", "adalora"):
+        cfg.update(bias="none", lora_dropout=0.0)
+    if "modules_to_save" in cfg and not cfg["modules_to_save"]:
         cfg["modules_to_save"] = None
     return dict(sorted(cfg.items()))
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT keys → paths relative to the transformers model."""
-    return {k.removeprefix(KEY_PREFIX): v for k, v in state.items()}
+    """PEFT keys → paths relative to the transformers model. Prompt-learning models have one wrapper
+    fewer, so their saved heads are keyed `base_model.classifier.weight`."""
+    return {k.removeprefix(KEY_PREFIX) if k.startswith(KEY_PREFIX) else k.removeprefix("base_model."): v for k, v in state.items()}
 
 
 def add_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Paths relative to the transformers model → PEFT keys."""
-    return {KEY_PREFIX + k: v for k, v in state.items()}
+    """Paths relative to the transformers model → PEFT keys (a prompt's embeddings are not a module's)."""
+    return {(k if k == PROMPT_KEY else KEY_PREFIX + k): v for k, v in state.items()}
 
 
-def weights_file(folder: Path, allow_pickle: bool = False) -> Path:
-    """The adapter's weights file: safetensors, or a pickle only when explicitly allowed."""
-    if (folder / SAFETENSORS_NAME).is_file():
-        return folder / SAFETENSORS_NAME
-    if (folder / PICKLE_NAME).is_file():
+def weights_file(folder: Path, allow_pickle: bool = False, names: tuple[str, str] = (SAFETENSORS_NAME, PICKLE_NAME)) -> Path:
+    """The adapter's weights file, `names` = (safetensors, pickle): safetensors, or the pickle only when
+    explicitly allowed."""
+    safetensors_name, pickle_name = names
+    if (folder / safetensors_name).is_file():
+        return folder / safetensors_name
+    if (folder / pickle_name).is_file():
         if not allow_pickle:
             raise ZooError(
-                f"{folder / PICKLE_NAME} is a pickle, which can run code when loaded",
+                f"{folder / pickle_name} is a pickle, which can run code when loaded",
                 "pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True), or convert it to safetensors",
             )
-        return folder / PICKLE_NAME
-    raise ZooError(f"{folder} holds no {SAFETENSORS_NAME}", "is this a PEFT adapter folder?")
+        return folder / pickle_name
+    raise ZooError(f"{folder} holds no {safetensors_name}", "is this an adapter folder?")
 
 
 def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
@@ -156,14 +179,14 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(
-    folder: Path, config: LoraConfig, state: dict[str, torch.Tensor], *, base_model: str | None, task_type: str | None
+    folder: Path, config: MethodConfig, state: dict[str, torch.Tensor], *, base_model: str | None, task_type: str | None
 ) -> Path:
     """Write a PEFT adapter folder (loadable by peft, vLLM and `zoo add`) from engine-keyed tensors."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config_json = peft_config_from_lora(config, base_model=base_model, task_type=task_type)
+    config_json = peft_config_for(config, base_model=base_model, task_type=task_type)
     (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
     tensors = {k: v.detach().contiguous().cpu() for k, v in add_prefix(state).items()}
     save_file(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
