@@ -16,12 +16,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from compose.bottleneck.layer import BottleneckSite
 from compose.errors import CompositionError
 from compose.ia3.layer import IA3Layer
 from compose.lora.layer import LoraLayer
 
 #: The per-layer adapter modules AdapterDrop switches off (each has a `skip` flag its forward obeys).
-DROPPABLE_LAYERS: tuple[type[nn.Module], ...] = (LoraLayer, IA3Layer)
+DROPPABLE_LAYERS: tuple[type[nn.Module], ...] = (LoraLayer, IA3Layer, BottleneckSite)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.|$)")
 
