@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
-from compose.lora.layer import Delegating, base_kind
+from compose.heads import Delegating
+from compose.heads import SavedModule as SavedCopy  # noqa: F401  (IA3's heads are compose.heads' now; the old name stays)
+from compose.lora.layer import base_kind
 
 
 class IA3Layer(Delegating):
@@ -94,18 +96,3 @@ class IA3Layer(Delegating):
         weight.copy_(op(weight, s.view(1, -1) if self.feedforward else s.view(-1, 1)))
         if not self.feedforward and bias is not None:
             bias.copy_(op(bias, s))
-
-
-class SavedCopy(Delegating):
-    """A module (e.g. a classifier head) replaced by an IA3 adapter's trained copy (`modules_to_save`)
-    for as long as that adapter, `owner`, is attached; `base_layer` is the original."""
-
-    def __init__(self, base_layer: nn.Module, copy: nn.Module, owner: str):
-        super().__init__()
-        self.base_layer, self.copy, self.owner = base_layer, copy, owner
-
-    def current_module(self) -> nn.Module:
-        return self.copy
-
-    def forward(self, *args, **kwargs):
-        return self.copy(*args, **kwargs)

@@ -1,8 +1,8 @@
 """Attach (IA)³ adapters to any transformers model in place, merge them into the weights, take them off, and
 combine several into one.
 
-Targeted modules are swapped for an `IA3Layer` wrapping the original; `modules_to_save` modules for a
-`SavedCopy` of the adapter's trained module. All attached IA3 adapters are active: at a module that several
+Targeted modules are swapped for an `IA3Layer` wrapping the original; `modules_to_save` modules get the
+adapter's trained copy (`compose.heads`). All attached IA3 adapters are active: at a module that several
 of them target, their vectors multiply. Everything is checked before the model is touched. The model
 remembers its IA3 adapters, in attach order, in `model._compose_ia3`.
 """
@@ -13,16 +13,15 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.ia3.config import IA3Config
-from compose.ia3.layer import IA3Layer, SavedCopy
+from compose.ia3.layer import IA3Layer
 from compose.lora.layer import (
     LoraLayer,
-    SavedModule,
     adapter_dtype,
     base_features,
     base_kind,
 )
-from compose.lora.model import _make_copy
 from compose.modules import get_module, replace_module, resolve_path
 
 _SUFFIX = ".ia3_l"
@@ -43,7 +42,7 @@ def attach_ia3(model: nn.Module, name: str, config: IA3Config, state: dict[str, 
 
     Raises:
         [`CompositionError`]: `name` is taken; IA3 layers are merged; a module is missing, not a Linear/Conv1D,
-            already has a LoRA layer, or is already replaced by another adapter's copy; a vector's shape does not
+            already has a LoRA layer, or is already replaced by an active adapter's copy; a vector's shape does not
             fit its module or the config; another IA3 adapter scales the other side of the same module.
     """
     registry = _registry(model)
@@ -53,21 +52,14 @@ def attach_ia3(model: nn.Module, name: str, config: IA3Config, state: dict[str, 
         raise CompositionError(f"cannot attach IA3 adapter '{name}' while IA3 layers are merged; unmerge_ia3(model) first")
     if not state:
         raise CompositionError(f"IA3 adapter '{name}' has no tensors; check that its state dict was loaded")
-    full: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
     vectors = []
     for key, tensor in state.items():
         if key.endswith(_SUFFIX):
             vectors.append(_check_vector(model, key.removesuffix(_SUFFIX), tensor, config))
         else:
-            owner, _, field = key.rpartition(".")
-            full.setdefault(owner, {})[field] = tensor
-    copies = []
-    for key, tensors in full.items():
-        module = get_module(model, resolve_path(model, key) or key)
-        if isinstance(module, (SavedCopy, SavedModule)):
-            by = f"IA3 adapter '{module.owner}'" if isinstance(module, SavedCopy) else f"LoRA adapters {list(module.copies)}"
-            raise CompositionError(f"module '{key}' (modules_to_save) is already replaced by {by}; detach that first")
-        copies.append(_make_copy(model, key, tensors, []))  # checks names and shapes against the module
+            full[key] = tensor
+    heads = prepare_heads(model, name, "IA3", full)
 
     for path, vector, feedforward in vectors:
         layer = get_module(model, path)
@@ -75,8 +67,7 @@ def attach_ia3(model: nn.Module, name: str, config: IA3Config, state: dict[str, 
             layer = IA3Layer(layer, feedforward)
             replace_module(model, path, layer)
         layer.add_adapter(name, vector)
-    for path, module_copy in copies:
-        replace_module(model, path, SavedCopy(get_module(model, path), module_copy, name))
+    attach_heads(model, name, "IA3", heads)
     registry.append(name)
 
 
@@ -100,8 +91,7 @@ def detach_ia3(model: nn.Module, name: str | None = None) -> nn.Module:
                 m.remove_adapter(n)
             if not m.vectors:
                 replace_module(model, path, m.base_layer)
-        elif isinstance(m, SavedCopy) and m.owner in names:
-            replace_module(model, path, m.base_layer)
+    detach_heads(model, names, "IA3")
     registry[:] = [n for n in registry if n not in names]
     return model
 

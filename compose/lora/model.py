@@ -1,22 +1,21 @@
 """Attach LoRA adapters to any transformers model in place, switch them, and take them off again.
 
 Targeted modules are swapped for a `LoraLayer` wrapping the original (which it keeps as
-`base_layer`); `modules_to_save` modules for a `SavedModule` holding each adapter's trained copy.
+`base_layer`); `modules_to_save` modules get each adapter's trained copy (`compose.heads`), switched with it.
 Everything is checked before the model is touched, so a failed attach leaves it as it was.
 The model remembers its adapters (attach order and active list) in `model._compose_lora`.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.heads import attach_heads, detach_heads, prepare_heads, resolve_module, set_active_heads
 from compose.lora.config import LoraConfig
-from compose.lora.layer import LoraAdapter, LoraLayer, SavedModule, adapter_dtype, base_features, base_kind
-from compose.modules import get_module, replace_module, resolve_path
+from compose.lora.layer import LoraAdapter, LoraLayer, adapter_dtype, base_features, base_kind
+from compose.modules import get_module, replace_module
 
 #: PEFT tensor-name suffixes → LoraAdapter fields.
 _LORA_SUFFIXES = {
@@ -56,7 +55,7 @@ def attach_lora(model: nn.Module, name: str, config: LoraConfig, state: dict[str
     if not lora and not full:
         raise CompositionError(f"adapter '{name}' has no tensors; check that its state dict was loaded")
     targets = [_make_adapter(model, key, tensors, config) for key, tensors in lora.items()]
-    copies = [_make_copy(model, key, tensors, registry["active"]) for key, tensors in full.items()]
+    heads = prepare_heads(model, name, "LoRA", full)
 
     for path, adapter in targets:
         layer = get_module(model, path)
@@ -64,12 +63,7 @@ def attach_lora(model: nn.Module, name: str, config: LoraConfig, state: dict[str
             layer = LoraLayer(layer)
             replace_module(model, path, layer)
         layer.add_adapter(name, adapter)
-    for path, module_copy in copies:
-        wrapper = get_module(model, path)
-        if not isinstance(wrapper, SavedModule):
-            wrapper = SavedModule(wrapper)
-            replace_module(model, path, wrapper)
-        wrapper.copies[name] = module_copy
+    attach_heads(model, name, "LoRA", heads, switched=True)
     registry["attached"].append(name)
     set_active_adapters(model, registry["active"] + [name])
 
@@ -78,26 +72,21 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     """Make exactly `names` active, in that order (their deltas add; `[]` runs the base model).
 
     Raises:
-        CompositionError: a name is not attached, two of them replace the same `modules_to_save` module,
-            or a layer is merged (unmerge it first).
+        CompositionError: a name is not attached, two of them (or one and another method's adapter) replace the
+            same `modules_to_save` module, or a layer is merged (unmerge it first).
     """
     registry = _registry(model)
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in registry["attached"]]
     if unknown:
         raise CompositionError(f"adapters {unknown} are not attached; attached: {registry['attached']}")
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, LoraLayer)]
     for path, m in layers:
-        if isinstance(m, LoraLayer) and m.merged:
+        if m.merged:
             raise CompositionError(f"LoRA layer '{path}' is merged; unmerge() it before changing the active adapters")
-        owners = [n for n in names if isinstance(m, SavedModule) and n in m.copies]
-        if len(owners) > 1:
-            raise CompositionError(f"adapters {owners} each replace module '{path}' (modules_to_save); activate only one of them")
+    set_active_heads(model, names)  # checks every module before it changes any
     for _, m in layers:
-        if isinstance(m, LoraLayer):
-            m.set_active(names)
-        else:
-            m.active = next((n for n in names if n in m.copies), None)
+        m.set_active(names)
     registry["active"] = names
 
 
@@ -122,12 +111,7 @@ def detach_lora(model: nn.Module, name: str | None = None) -> nn.Module:
                 m.remove_adapter(n)
             if not m.adapters:
                 replace_module(model, path, m.base_layer)
-        elif isinstance(m, SavedModule):
-            for n in names & set(m.copies):
-                del m.copies[n]
-            m.active = m.active if m.active in m.copies else None
-            if not m.copies:
-                replace_module(model, path, m.base_layer)
+    detach_heads(model, names, "LoRA")
     registry["attached"] = [n for n in registry["attached"] if n not in names]
     registry["active"] = [n for n in registry["active"] if n not in names]
     return model
@@ -144,10 +128,10 @@ def _registry(model: nn.Module) -> dict[str, list[str]]:
     return model._compose_lora
 
 
-def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """LoRA tensors grouped by module path ({path: {field: tensor}}), and full tensors by owning module."""
+def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """LoRA tensors grouped by module path ({path: {field: tensor}}), and the full (`modules_to_save`) tensors."""
     lora: dict[str, dict] = {}
-    full: dict[str, dict] = {}
+    full: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
@@ -155,14 +139,13 @@ def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[
         elif "lora_" in key:
             raise CompositionError(f"tensor '{key}' is a LoRA tensor this engine does not support (Linear/Conv1D targets only)")
         else:
-            owner, _, tensor_name = key.rpartition(".")
-            full.setdefault(owner, {})[tensor_name] = tensor
+            full[key] = tensor
     return lora, full
 
 
 def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig) -> tuple[str, LoraAdapter]:
     """Check one module's LoRA tensors against the model and build its `LoraAdapter` (model untouched)."""
-    path = _resolve(model, key)
+    path = resolve_module(model, key)
     module = get_module(model, path)
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if base_kind(base) is None:
@@ -192,35 +175,3 @@ def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig)
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     # patterns (rank/alpha) name modules as the adapter was trained, so match on `key`, not `path`
     return path, LoraAdapter(cast(a), cast(b), config.scaling_for(key), cast(bias), cast(magnitude))
-
-
-def _make_copy(model: nn.Module, key: str, tensors: dict, active: list[str]) -> tuple[str, nn.Module]:
-    """A copy of module `key` holding the adapter's full tensors (a `modules_to_save` entry)."""
-    path = _resolve(model, key)
-    module = get_module(model, path)
-    if isinstance(module, LoraLayer):
-        raise CompositionError(f"module '{path}' is a LoRA target of another adapter and cannot also be replaced (modules_to_save)")
-    clash = [n for n in active if isinstance(module, SavedModule) and n in module.copies]
-    if clash:
-        raise CompositionError(f"module '{path}' (modules_to_save) is already replaced by active adapter '{clash[0]}'; deactivate it with set_active_adapters first")
-    original = module.base_layer if isinstance(module, SavedModule) else module
-    own = dict(original.named_parameters(recurse=False))
-    own.update((n, b) for n, b in original.named_buffers(recurse=False) if n not in original._non_persistent_buffers_set)
-    if set(tensors) != set(own):
-        raise CompositionError(f"module '{path}' (modules_to_save): the adapter has tensors {sorted(tensors)} but the module has {sorted(own)}")
-    for n, t in tensors.items():
-        if t.shape != own[n].shape:
-            raise CompositionError(f"module '{path}.{n}' (modules_to_save): shape {tuple(t.shape)} does not fit the model's {tuple(own[n].shape)}; the adapter was trained with a different head (e.g. num_labels)")
-    module_copy = copy.deepcopy(original)
-    with torch.no_grad():
-        for n, t in tensors.items():
-            getattr(module_copy, n).copy_(t)  # keeps the original's dtype and device
-    return path, module_copy
-
-
-def _resolve(model: nn.Module, key: str) -> str:
-    path = resolve_path(model, key)
-    if path is None:
-        prefix = getattr(model, "base_model_prefix", "")
-        raise CompositionError(f"module '{key}' not found in {type(model).__name__} (also tried with/without its base_model_prefix '{prefix}'); the adapter was trained for a different architecture")
-    return path

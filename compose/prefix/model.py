@@ -14,8 +14,8 @@ every layer's T virtual keys and values (attached prefixes concatenate, in attac
 The prefix goes in on a sequence's first call (no cache, or an empty one, which is filled in place;
 with `use_cache=False` every call is a first call); calls that continue a cache (`generate`'s later
 steps) find it there. The model remembers its prefixes
-in `model._compose_prefix`. A trained head saved with the adapter (PEFT's modules_to_save) is installed
-as for prompts (see `compose.prompt.model`).
+in `model._compose_prefix`. A trained head saved with the adapter (PEFT's modules_to_save) runs while
+the prefix is attached (`compose.heads`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.prefix.config import PrefixConfig
 from compose.prompt.model import (
     PROMPT_KEY,
-    attach_heads,
     cache_kwarg,
     call_kwargs,
-    detach_heads,
     extend_mask,
     get_cache,
     is_causal_lm,
@@ -103,7 +102,7 @@ def attach_prefix(model: nn.Module, name: str, config: PrefixConfig, state: dict
             f"has {expected} (KV heads under GQA); the adapter was trained for a different model"
         )
     kwarg = cache_kwarg(model)
-    attach_heads(model, name, heads)
+    attach_heads(model, name, "prefix", prepare_heads(model, name, "prefix", heads))
 
     if registry is None:
         registry = model._compose_prefix = {"prefixes": {}, "cache": kwarg, "causal": is_causal_lm(model)}
@@ -125,9 +124,10 @@ def detach_prefix(model: nn.Module, name: str | None = None) -> nn.Module:
     attached = list(registry["prefixes"]) if registry is not None else []
     if name is not None and name not in attached:
         raise CompositionError(f"prefix '{name}' is not attached; attached prefixes: {attached}")
-    for n in attached if name is None else [name]:
+    names = attached if name is None else [name]
+    for n in names:
         del registry["prefixes"][n]
-        detach_heads(model, n)
+    detach_heads(model, names, "prefix")
     if attached and not registry["prefixes"]:
         registry["hook"].remove()
         del model._compose_prefix

@@ -15,7 +15,7 @@ continues a cache (`generate`'s later steps) just extends the mask, since the ca
 prompt's keys and values. The model remembers its prompts in `model._compose_prompt`.
 
 A PEFT classifier adapter also saves the trained head (`classifier.weight`, ...: PEFT's
-`modules_to_save`); such tensors are installed as LoRA's `modules_to_save` copies, under the same name.
+`modules_to_save`); its copy (`compose.heads`) runs while the prompt is attached.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.prompt.config import PromptConfig
 
 PROMPT_KEY = "prompt_embeddings"
@@ -69,7 +70,7 @@ def attach_prompt(model: nn.Module, name: str, config: PromptConfig, state: dict
     if embeddings.embedding_dim != config.token_dim:
         raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but {type(model).__name__}'s input embeddings are {embeddings.embedding_dim} wide; the adapter was trained for a different model")
     kwarg = cache_kwarg(model)
-    attach_heads(model, name, heads)
+    attach_heads(model, name, "prompt", prepare_heads(model, name, "prompt", heads))
 
     if registry is None:
         registry = model._compose_prompt = {"prompts": {}, "cache": kwarg, "causal": is_causal_lm(model)}
@@ -90,9 +91,10 @@ def detach_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
     attached = list(registry["prompts"]) if registry is not None else []
     if name is not None and name not in attached:
         raise CompositionError(f"prompt '{name}' is not attached; attached prompts: {attached}")
-    for n in attached if name is None else [name]:
+    names = attached if name is None else [name]
+    for n in names:
         del registry["prompts"][n]
-        detach_heads(model, n)
+    detach_heads(model, names, "prompt")
     if attached and not registry["prompts"]:
         registry["hook"].remove()
         del model._compose_prompt
@@ -139,24 +141,6 @@ def split_state(name: str, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     if state[PROMPT_KEY].dim() != 2:
         raise CompositionError(f"adapter '{name}': {PROMPT_KEY} has shape {tuple(state[PROMPT_KEY].shape)}, expected 2 dimensions (num_virtual_tokens, width)")
     return state[PROMPT_KEY], {k: v for k, v in state.items() if k != PROMPT_KEY}
-
-
-def attach_heads(model: nn.Module, name: str, heads: dict[str, torch.Tensor]) -> None:
-    """Install a prompt adapter's trained head tensors (PEFT's modules_to_save) as LoRA's full-module copies."""
-    if heads:
-        from compose.lora.config import LoraConfig
-        from compose.lora.model import attach_lora
-
-        attach_lora(model, name, LoraConfig(r=1, lora_alpha=1), heads)  # full tensors only: r and alpha are unused
-
-
-def detach_heads(model: nn.Module, name: str) -> None:
-    """Remove the head copies `attach_heads` installed for `name`, if any."""
-    lora = getattr(model, "_compose_lora", None)
-    if lora is not None and name in lora["attached"]:
-        from compose.lora.model import detach_lora
-
-        detach_lora(model, name)
 
 
 def cache_kwarg(model: nn.Module) -> str:
