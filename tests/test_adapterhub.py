@@ -17,14 +17,23 @@ import torch
 from safetensors.torch import load_file
 
 from compose.bottleneck.config import BottleneckConfig
-from compose.bottleneck.fusion import attach_bottleneck_fusion, detach_bottleneck_fusion
+from compose.bottleneck.fusion import attach_bottleneck_fusion
 from compose.bottleneck.layer import BottleneckSite
-from compose.bottleneck.model import attach_bottleneck, detach_bottleneck, set_active_bottlenecks
+from compose.bottleneck.model import (
+    attach_bottleneck,
+    detach_bottleneck,
+    set_active_bottlenecks,
+)
+from compose.fusion.model import detach_fusion
 from compose.mam.config import MamConfig
 from compose.prefix.config import PrefixConfig
 from tests.tiny import tiny_llama
 from zoo.errors import ZooError
-from zoo.formats.adapterhub import is_adapterhub_folder, read_adapterhub_adapter, read_adapterhub_fusion
+from zoo.formats.adapterhub import (
+    is_adapterhub_folder,
+    read_adapterhub_adapter,
+    read_adapterhub_fusion,
+)
 
 ROOT = Path(__file__).parent / "fixtures" / "adapterhub"
 FAMILIES = ("bert", "gpt2", "llama")
@@ -102,7 +111,7 @@ def test_fusions_and_drop(family, monkeypatch):
             drop.set_drop(model, 1)
             max_diff(model, tensors, "drop_fuse")
             drop.set_drop(model, 0)
-        detach_bottleneck_fusion(model)
+        detach_fusion(model)
     set_active_bottlenecks(model, ["dbl"])
     drop.set_drop(model, 1)
     max_diff(model, tensors, "drop_dbl")

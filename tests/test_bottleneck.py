@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from compose.bottleneck.config import BottleneckConfig
-from compose.bottleneck.fusion import (
-    attach_bottleneck_fusion,
-    attached_bottleneck_fusion,
-    bottleneck_fusion_state,
-    detach_bottleneck_fusion,
-)
+from compose.bottleneck.fusion import attach_bottleneck_fusion
 from compose.bottleneck.layer import BottleneckSite, expected_shapes
 from compose.bottleneck.model import (
     attach_bottleneck,
@@ -30,6 +25,7 @@ from compose.bottleneck.model import (
 from compose.errors import CompositionError
 from compose.families import detect_family
 from compose.fusion.config import FusionConfig
+from compose.fusion.model import attached_fusion, detach_fusion, fusion_state
 from tests.tiny import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 PFEIFFER = BottleneckConfig.preset("seq_bn", reduction_factor=4)
@@ -173,8 +169,8 @@ def test_untrained_fusion_is_the_average_of_its_members(family):
     attach_bottleneck(mean, "m", PFEIFFER.model_copy(update={"reduction_factor": 2}), joined)
     assert (run(mean) - fused).abs().max() < 1e-5
     assert (fused - stacked).abs().max() > 1e-3
-    detach_bottleneck_fusion(model)
-    assert attached_bottleneck_fusion(model) is None and torch.equal(run(model), stacked)
+    detach_fusion(model)
+    assert attached_fusion(model) is None and torch.equal(run(model), stacked)
 
 
 def test_trained_fusion_state_round_trips_and_placement_options_matter():
@@ -184,27 +180,27 @@ def test_trained_fusion_state_round_trips_and_placement_options_matter():
         attach_bottleneck(m, "a", PFEIFFER, a)
         attach_bottleneck(m, "b", PARALLEL, b)
     attach_bottleneck_fusion(model, "f", FusionConfig(members=["b", "a"]), seed=3)
-    state = bottleneck_fusion_state(model)
+    state = fusion_state(model)
     with torch.no_grad():
         for t in state.values():
             t.add_(0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(4)))
-    detach_bottleneck_fusion(model)
+    detach_fusion(model)
     attach_bottleneck_fusion(model, "f", FusionConfig(members=["b", "a"]), state)
-    attach_bottleneck_fusion(other, "f", FusionConfig(members=["b", "a"]), bottleneck_fusion_state(model))
-    assert attached_bottleneck_fusion(other) == ("f", FusionConfig(members=["b", "a"]))
+    attach_bottleneck_fusion(other, "f", FusionConfig(members=["b", "a"]), fusion_state(model))
+    assert attached_fusion(other) == ("f", FusionConfig(members=["b", "a"]))
     assert torch.equal(run(model), run(other))
     outputs = [run(model)]
     for options in ({"query_before_ln": True}, {"residual_before": True}):
-        detach_bottleneck_fusion(other)
+        detach_fusion(other)
         attach_bottleneck_fusion(other, "f", FusionConfig(members=["b", "a"]), state, **options)
         outputs.append(run(other))
     assert (outputs[1] - outputs[0]).abs().max() > 1e-4 and (outputs[2] - outputs[0]).abs().max() > 1e-4
-    detach_bottleneck_fusion(other)
+    detach_fusion(other)
     parallel_last = []
     for query_before_ln in (False, True):  # a parallel last member's query is x either way
         attach_bottleneck_fusion(other, "f", FusionConfig(members=["a", "b"]), query_before_ln=query_before_ln, seed=3)
         parallel_last.append(run(other))
-        detach_bottleneck_fusion(other)
+        detach_fusion(other)
     assert torch.equal(*parallel_last)
 
 
@@ -221,18 +217,18 @@ def test_fusion_errors():
     state = {k: v for k, v in _fresh_fusion_state(model, ["a"]).items() if not k.endswith("value.weight")}
     with pytest.raises(CompositionError, match=r"site transformer.h.0.output_adapter: fusion state has \['key.bias', 'key.weight', 'query.bias', 'query.weight'\], expected"):
         attach_bottleneck_fusion(model, "f", FusionConfig(members=["a"]), state)
-    assert attached_bottleneck_fusion(model) is None
+    assert attached_fusion(model) is None
     attach_bottleneck_fusion(model, "f", FusionConfig(members=["a"]))
     with pytest.raises(CompositionError, match="bottleneck fusion 'f' is already attached"):
         attach_bottleneck_fusion(model, "g", FusionConfig(members=["a"]))
     detach_bottleneck(model, "a")  # a fusion loses its member: it goes too
-    assert attached_bottleneck_fusion(model) is None and all(s.fusion is None for _, s in sites(model))
+    assert attached_fusion(model) is None and all(s.fusion is None for _, s in sites(model))
 
 
 def _fresh_fusion_state(model, members):
     probe = copy.deepcopy(model)
     attach_bottleneck_fusion(probe, "probe", FusionConfig(members=members))
-    return bottleneck_fusion_state(probe)
+    return fusion_state(probe)
 
 
 def test_attach_errors_leave_the_model_untouched():

@@ -140,10 +140,10 @@ class BottleneckSite(nn.Module):
         self.handles: list = []  # the hooks feeding this site
         self.captured: dict[str, torch.Tensor] = {}  # h / x of the current forward
 
-    def set_fusion(self, fusion: nn.Module | None, names: tuple[str, ...] = (), query_before_ln: bool = False, residual_before: bool = False) -> None:
-        """Fuse adapters `names` with `fusion` here instead of stacking the active ones (None: back to the stack)."""
+    def set_fusion(self, fusion: nn.Module | None, names: tuple[str, ...] = ()) -> None:
+        """Fuse adapters `names` with `fusion` here instead of stacking the active ones (None: back to the stack).
+        The placement (`query_before_ln`, `residual_before`) is the attach function's to set, and stays."""
         self.fusion, self.fused = fusion, tuple(names)
-        self.query_before_ln, self.residual_before = query_before_ln, residual_before
 
     def runs(self) -> bool:
         """Whether a forward now changes the sub-layer's output."""

@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from compose.bottleneck.config import LOCATIONS, BottleneckConfig
-from compose.bottleneck.layer import Bottleneck, BottleneckSite, activation, expected_shapes
+from compose.bottleneck.layer import (
+    Bottleneck,
+    BottleneckSite,
+    activation,
+    expected_shapes,
+)
 from compose.errors import CompositionError
 from compose.families import Family, detect_family
 from compose.modules import resolve_path
@@ -148,7 +153,6 @@ def remove_bottlenecks(model: nn.Module, names: list[str]) -> None:
                 del site.adapters[n]
                 if n in site.fused:
                     site.set_fusion(None)
-                    reg["fusion"] = None
         site.active = tuple(n for n in site.active if n in site.adapters)
         if not len(site.adapters):
             for handle in site.handles:
@@ -199,11 +203,11 @@ def sites(model: nn.Module) -> list[tuple[str, BottleneckSite]]:
 
 
 def registry(model: nn.Module, create: bool = False) -> dict:
-    """{"adapters": {name: (config, owner)}, "active": [names], "fusion": {"name", "config"} | None}; an empty one
+    """{"adapters": {name: (config, owner)}, "active": [names]}; an empty one
     (not stored on the model unless `create`) when nothing is attached."""
     reg = getattr(model, "_compose_bottleneck", None)
     if reg is None:
-        reg = {"adapters": {}, "active": [], "fusion": None}
+        reg = {"adapters": {}, "active": []}
         if create:
             model._compose_bottleneck = reg
     return reg

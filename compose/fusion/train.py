@@ -1,4 +1,5 @@
-"""Fit an attached AdapterFusion: base model and adapters frozen, Q/K/V of every fused module trained.
+"""Fit an attached AdapterFusion (over LoRA or bottleneck adapters): base model and adapters frozen,
+Q/K/V of every fused module (LoRA layer or bottleneck site) trained.
 
     loss = objective + regularization · Σ ‖I − V‖²_F
 
@@ -44,7 +45,8 @@ def train_fusion(
     """Train the fusion attached to `model` in place and return the loss of every step.
 
     Args:
-        model: a model with a fusion attached (`attach_fusion`).
+        model: a model with a fusion attached (`compose.fusion.model.attach_fusion`,
+            `compose.bottleneck.fusion.attach_bottleneck_fusion`, or `compose.methods.attach_fusion`).
         batches: a list of batches, or a function returning a fresh iterable of them per epoch. A batch is the
             model's keyword inputs (`input_ids`, `attention_mask`, ...) plus `labels` for "classification"
             and "contrastive"; tensors are moved to the model's device.
