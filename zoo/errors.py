@@ -11,13 +11,19 @@ from __future__ import annotations
 from compose.errors import CompositionError
 
 
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters quoted (`\\n`, `\\x1b`): errors quote input, which must
+    neither break their one line nor reach a terminal as escape sequences."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class ZooError(Exception):
-    """A user-facing error: `message` names what is wrong, `hint` how to fix it."""
+    """A user-facing error: `message` names what is wrong, `hint` how to fix it (`str(error)` is one line)."""
 
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
         self.hint = hint
-        super().__init__(f"{message} — {hint}" if hint else message)
+        super().__init__(one_line(f"{message} — {hint}" if hint else message))
 
 
 #: What the CLI turns into a one-line message and exit code 2.

@@ -16,10 +16,13 @@ def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, regi
 
     from compose.objectives import mean_pool
     from zoo.loading import load
+    from zoo.safety import refuse_remote_code
 
     adapters = load_kwargs.pop("adapters", None) or ()
-    model = load(base, adapters, registry=registry, **load_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    trust_remote_code = load_kwargs.pop("trust_remote_code", False)
+    refuse_remote_code(base, trust_remote_code, files=("config.json", "tokenizer_config.json"))
+    model = load(base, adapters, registry=registry, trust_remote_code=trust_remote_code, **load_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     start = time.perf_counter()
     with torch.no_grad():
         if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):

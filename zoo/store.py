@@ -49,7 +49,7 @@ class Store:
 
     def has(self, entry: FileEntry) -> bool:
         blob = self.blob_path(entry.sha256)
-        return blob.is_file() and blob.stat().st_size == entry.size
+        return blob.is_file() and not blob.is_symlink() and blob.stat().st_size == entry.size  # a link may lead out of the store
 
     def put(self, src: Path, name: str) -> FileEntry:
         """Copy `src` into the store, hashing while copying (the hash is measured, never taken on trust)."""
@@ -79,6 +79,8 @@ class Store:
     def verify(self, entry: FileEntry) -> str | None:
         """None if the blob is intact, else what is wrong with it."""
         blob = self.blob_path(entry.sha256)
+        if blob.is_symlink():
+            return f"a symlink to {os.readlink(blob)}, not a file in the store"
         if not blob.is_file():
             return "missing"
         digest, size = sha256_file(blob)
@@ -94,6 +96,8 @@ class Store:
         missing = [f.path for f in manifest.files if not self.has(f)]
         if missing:
             raise ZooError(f"{manifest.ref}: files {missing} are not in the store {self.root}", f"run `zoo verify --repair {manifest.name}`")
+        if not folder.resolve().is_relative_to(self.root.resolve()):  # a planted link: never write links elsewhere
+            raise ZooError(f"{folder} leads out of the store (to {folder.resolve()})", "remove the link: the folder is made again")
         folder.mkdir(parents=True, exist_ok=True)
         for f in manifest.files:
             link = folder / f.path

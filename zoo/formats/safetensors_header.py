@@ -119,10 +119,17 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         raise fail("header is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise fail(f"header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except RecursionError:  # "[[[[...": no real header nests more than three levels
+        raise fail("header nests too deeply") from None
     if not isinstance(header, dict):
         raise fail(f"header is a JSON {type(header).__name__}, not an object")
+    try:  # Python's json takes "\udcff", a lone surrogate; safetensors (Rust) refuses it, and so do we
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("header escapes a lone UTF-16 surrogate, which is not Unicode") from None
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is "none"; [] or "" is a malformed map, as safetensors says
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise fail("__metadata__ must map strings to strings")
 

@@ -1,0 +1,259 @@
+"""Reliability: concurrent adds all land; a SIGKILL at any moment of a write loses nothing committed; a
+half-written blob is never registered; leftover temp files break nothing.
+
+Writers are forked from this (already importing) test process, so each starts in about a millisecond.
+Adapters are tiny PEFT LoRA folders written byte by byte (`tests/handmade.py`, no torch), distinct per add
+so every add stores a new blob.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+
+import zoo
+from tests.handmade import PREFIX, safetensors_bytes, write_adapter
+from zoo.registry import Registry
+from zoo.store import sha256_file
+
+FORK = multiprocessing.get_context("fork")
+
+
+def in_child(body, *args) -> None:
+    """Run `body(*args)` in a forked child; a failure is printed there and shows as exit code 1."""
+    try:
+        body(*args)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+
+
+def store_is_sound(home: Path) -> list[str]:
+    """Every blob named by a hash holds bytes with that hash (temp files are dot-files, never named so)."""
+    blobs = home / "blobs" / "sha256"
+    names = [p for p in blobs.iterdir() if not p.name.startswith(".")] if blobs.is_dir() else []
+    return [p.name for p in names if sha256_file(p)[0] != p.name]
+
+
+# --- 16 processes × 50 adds ---------------------------------------------------------------------------------
+
+
+def _add_fifty(root: Path, worker: int) -> None:
+    for i in range(50):
+        zoo.add(write_adapter(root / f"w{worker}-{i}", worker * 100 + i + 1), name=f"w{worker}-{i}")
+
+
+@pytest.fixture
+def memory_home(monkeypatch):
+    """ZOO_HOME on tmpfs where there is one. What 800 concurrent adds test is the lock and the atomic
+    replace, whose semantics tmpfs shares; it spares the test 4,000 fsyncs that a SIGKILL could never
+    test anyway (the page cache survives a killed process; the tests below run on disk)."""
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None, prefix="zoo-reliability-"))
+    monkeypatch.setenv("ZOO_HOME", str(root / "home"))
+    monkeypatch.setenv("ZOO_REGISTRY", str(root / "home" / "registry.json"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_16_processes_times_50_concurrent_adds_all_land(memory_home):
+    start = time.perf_counter()
+    workers = [FORK.Process(target=in_child, args=(_add_fifty, memory_home / "src", w)) for w in range(16)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=240)
+    seconds = time.perf_counter() - start
+    assert [p.exitcode for p in workers] == [0] * 16
+
+    entries = zoo.list_adapters()
+    assert sorted(m.name for m in entries) == sorted(f"w{w}-{i}" for w in range(16) for i in range(50))
+    assert {m.version for m in entries} == {1}
+    results = zoo.verify()
+    assert len(results) == 1600 and [r for r in results if r.problem] == []
+    home = memory_home / "home"
+    assert len(list((home / "blobs" / "sha256").iterdir())) == 801  # 800 weights + the one shared config; no temp left
+    assert store_is_sound(home) == []
+    print(f"\n800 concurrent adds (16 processes) in {seconds:.1f} s")
+
+
+# --- SIGKILL at random moments ------------------------------------------------------------------------------
+
+
+def _writer(home: Path, report_fd: int, seed: int) -> None:
+    """Add and remove adapters forever, reporting each operation before it starts ('?') and once it returned."""
+    rng = random.Random(seed)
+    live: list[str] = []
+
+    def say(line: str) -> None:
+        os.write(report_fd, (line + "\n").encode())  # < PIPE_BUF: atomic
+
+    for i in range(10**6):
+        if live and rng.random() < 0.3:
+            victim = live.pop(rng.randrange(len(live)))
+            say(f"? - {victim}")
+            zoo.remove(victim)
+            say(f"- {victim}")
+        else:
+            name = f"a{i}"
+            folder = write_adapter(home.parent / "src" / name, seed * 10**6 + i + 1)
+            say(f"? + {name}")
+            zoo.add(folder, name=name)
+            say(f"+ {name}")
+            live.append(name)
+
+
+def _read_reports(fd: int) -> list[str]:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode().splitlines()
+
+
+def check_after_kill(reports: list[str], home: Path) -> dict[str, int]:
+    """The registry loads and holds exactly what was committed, give or take the one operation in flight."""
+    committed: set[str] = set()
+    in_flight = None
+    for line in reports:
+        if line.startswith("? "):
+            in_flight = line[2:]
+        else:
+            op, name = line.split()
+            committed.add(name) if op == "+" else committed.discard(name)
+            in_flight = None
+    names = {m.name for m in Registry(home / "registry.json").read()}
+    maybe_added = {in_flight[2:]} if in_flight and in_flight[0] == "+" else set()
+    maybe_removed = {in_flight[2:]} if in_flight and in_flight[0] == "-" else set()
+    assert committed - maybe_removed <= names <= committed | maybe_added, (sorted(committed), sorted(names), in_flight)
+    return {"committed": len(committed), "registry_temp_left": len(list(home.glob(".registry.json.*"))),
+            "blob_temp_left": len(list((home / "blobs" / "sha256").glob(".incoming-*"))) if (home / "blobs").exists() else 0}
+
+
+def test_sigkill_at_random_moments_never_loses_a_committed_entry(tmp_path, monkeypatch):
+    rng = random.Random(2024)
+    totals = {"committed": 0, "registry_temp_left": 0, "blob_temp_left": 0, "trials_after_a_commit": 0}
+    start = time.perf_counter()
+    for trial in range(100):
+        home = tmp_path / f"t{trial}" / "home"
+        monkeypatch.setenv("ZOO_HOME", str(home))  # forked children inherit it
+        monkeypatch.setenv("ZOO_REGISTRY", str(home / "registry.json"))
+        read_end, write_end = os.pipe()
+        child = FORK.Process(target=in_child, args=(_writer, home, write_end, trial))
+        child.start()
+        os.close(write_end)
+        time.sleep(rng.uniform(0.0, 0.12))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL, f"trial {trial}: the writer failed before the kill"
+        reports = _read_reports(read_end)
+        os.close(read_end)
+        for key, n in check_after_kill(reports, home).items():
+            totals[key] += n
+        totals["trials_after_a_commit"] += any(line[0] == "+" for line in reports)
+        # the lock died with the process; leftover temp files are ignored: the next writer just works
+        assert [r.problem for r in zoo.verify()] == [None] * (2 * len(zoo.list_adapters()))
+        assert zoo.add(write_adapter(home.parent / "after", 0), name="after").ref == "after@1"
+        assert store_is_sound(home) == []
+    seconds = time.perf_counter() - start
+    assert totals["trials_after_a_commit"] >= 30  # the kills landed after real work, not only at start-up
+    print(f"\n100 SIGKILL trials in {seconds:.1f} s: {totals}")
+
+
+_CRASH_POINTS = ("fsync", "replace")
+
+
+def _crash_at(call: str, n: int, home: Path, report_fd: int) -> None:
+    """Die (SIGKILL) at the n-th os.<call> — inside Store.put, Registry._write or the directory fsyncs."""
+    original, count = getattr(os, call), [0]
+
+    def dying(*args, **kwargs):
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(os, call, dying)
+    _writer(home, report_fd, n)
+
+
+@pytest.mark.parametrize("call", _CRASH_POINTS)
+def test_sigkill_at_every_fsync_and_rename_of_the_first_writes(call, tmp_path, monkeypatch):
+    """Deterministic sweep: the writer dies at its 1st, 2nd, ... 16th fsync (or rename), i.e. at each step of
+    storing blobs, writing the index and syncing directories over its first operations."""
+    for n in range(1, 17):
+        home = tmp_path / f"{call}{n}" / "home"
+        monkeypatch.setenv("ZOO_HOME", str(home))
+        monkeypatch.setenv("ZOO_REGISTRY", str(home / "registry.json"))
+        read_end, write_end = os.pipe()
+        child = FORK.Process(target=in_child, args=(_crash_at, call, n, home, write_end))
+        child.start()
+        os.close(write_end)
+        child.join(timeout=60)
+        assert child.exitcode == -signal.SIGKILL, f"{call} #{n}: the writer was not killed"
+        reports = _read_reports(read_end)
+        os.close(read_end)
+        check_after_kill(reports, home)
+        assert store_is_sound(home) == []
+        assert zoo.add(write_adapter(home.parent / "after", 0), name="after").version == 1
+
+
+# --- a half-written blob ------------------------------------------------------------------------------------
+
+
+def _big_adapter(folder: Path, megabytes: int) -> Path:
+    """A PEFT folder whose weights are `megabytes` of zeros (sparse: costs no disk to create)."""
+    rows = megabytes * (1 << 20) // 32  # lora_A (rows × 4) and lora_B (4 × rows) in fp32
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rows, "lora_alpha": 2, "target_modules": ["q_proj"]}))
+    header = {
+        PREFIX + "lora_A.weight": {"dtype": "F32", "shape": [rows, 4], "data_offsets": [0, rows * 16]},
+        PREFIX + "lora_B.weight": {"dtype": "F32", "shape": [4, rows], "data_offsets": [rows * 16, rows * 32]},
+    }
+    with open(folder / "adapter_model.safetensors", "wb") as f:
+        f.write(safetensors_bytes(header))
+        f.truncate(f.tell() + rows * 32)
+    return folder
+
+
+def test_a_half_written_blob_is_never_registered_and_temp_files_break_nothing(tmp_path, isolated_zoo):
+    home = isolated_zoo / "zoo-home"
+    folder = _big_adapter(tmp_path / "big", 32)
+    blobs = home / "blobs" / "sha256"
+
+    child = FORK.Process(target=in_child, args=(lambda: zoo.add(folder, name="big"),))
+    child.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once the weights' temp file holds some bytes
+        partial = [p for p in blobs.glob(".incoming-*") if p.stat().st_size > 0] if blobs.is_dir() else []
+        if partial:
+            break
+        time.sleep(0.001)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL and partial, "the kill did not land inside Store.put"
+    leftover = sorted(p.name for p in blobs.glob(".incoming-*"))
+    assert leftover, "the half-written temp file should still be there for this test to mean anything"
+    weights_size = (folder / "adapter_model.safetensors").stat().st_size
+    assert all(p.stat().st_size < weights_size for p in blobs.glob(".incoming-*"))
+
+    assert zoo.list_adapters() == []  # nothing registered
+    assert store_is_sound(home) == []  # no blob under a hash its bytes do not have
+    (home / ".registry.json.leftover").write_text('{"torn": ')  # and a torn index temp file, as a kill leaves it
+
+    m = zoo.add(folder, name="big")  # the next add just works, next to the leftovers
+    assert [r.problem for r in zoo.verify()] == [None, None]
+    assert m.file("adapter_model.safetensors").size == weights_size
+    from zoo.repair import repair
+
+    assert repair() == []
+    assert sorted(p.name for p in blobs.glob(".incoming-*")) == leftover  # untouched, and harmless
