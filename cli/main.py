@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from zoo.errors import USER_ERRORS
+from zoo.errors import USER_ERRORS, one_line
 
 app = typer.Typer(
     name="zoo",
@@ -35,7 +35,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 def console():
     from rich.console import Console
 
-    return Console(soft_wrap=False)
+    return Console(soft_wrap=False, markup=False)  # names, tasks, tensor names are shown as they are, never parsed as markup
 
 
 def print_json(data: Any) -> None:
@@ -52,12 +52,13 @@ def schema() -> None:
 
 @app.command()
 def add(
-    path: Annotated[Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")],
+    path: Annotated[Path, typer.Argument(help="An adapter folder saved by PEFT or AdapterHub, or an AdapterHub fusion folder.")],
     name: Annotated[Optional[str], typer.Option(help="Registry name (default: the folder's name).")] = None,
     task: Annotated[Optional[str], typer.Option(help="What the adapter does, e.g. 'sentiment'.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="A tag (repeatable).")] = None,
     license: Annotated[Optional[str], typer.Option(help="License id, e.g. apache-2.0.")] = None,
-    allow_pickle: Annotated[bool, typer.Option(help="Accept an adapter_model.bin pickle (loaded with weights_only=True).")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept a .bin pickle (loaded with weights_only=True, stored as safetensors).")] = False,
+    base: Annotated[Optional[Path], typer.Option(help="The base's config.json or folder: AdapterHub prefix/MAM adapters need its attention layout.")] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -65,22 +66,25 @@ def add(
     from zoo import api
     from zoo.units import human_bytes
 
-    m = api.add(path, name=name, task=task, tags=tag or (), license=license, allow_pickle=allow_pickle, registry=registry)
+    m = api.add(path, name=name, task=task, tags=tag or (), license=license, allow_pickle=allow_pickle, base=base, registry=registry)
     if as_json:
         return print_json(m.model_dump(mode="json"))
-    weights = m.file("adapter_model.safetensors")
+    from zoo.manifest import method_summary
+
     typer.echo(
-        f"added {m.ref}: {m.method.method} r={m.method.r}, {m.size.trainable_params:,} params, "
-        f"{human_bytes(m.size.bytes)}, sha256 {weights.sha256[:12] if weights else '?'}"
+        f"added {m.ref}: {m.method.method} {method_summary(m.method)}, {m.size.trainable_params:,} params, "
+        f"{human_bytes(m.size.bytes)}, sha256 {m.weights.sha256[:12] if m.weights else '?'}"
     )
 
 
 def _manifest_row(m) -> list[str]:
     from zoo.units import human_bytes
 
-    ranks = "/".join(map(str, sorted({m.method.r, *m.method.rank_pattern.values()}))) if m.kind == "adapter" else "+".join(x.name for x in m.members)
+    from zoo.manifest import method_summary
+
+    shape = method_summary(m.method) if m.kind == "adapter" else "+".join(x.name for x in m.members)
     return [
-        m.name, str(m.version), m.label, ranks, m.base_model.name_or_path or "-",
+        m.name, str(m.version), m.label, shape, m.base_model.name_or_path or "-",
         m.task or "-", f"{m.size.trainable_params:,}", human_bytes(m.size.bytes),
     ]
 
@@ -103,7 +107,7 @@ def list_(
 
     table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
     table.add_column("name", no_wrap=True)
-    for col, justify in [("ver", "right"), ("method", "left"), ("rank / members", "right"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
+    for col, justify in [("ver", "right"), ("method", "left"), ("shape / members", "left"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
         table.add_column(col, justify=justify, overflow="fold")
     for m in found:
         table.add_row(*_manifest_row(m))
@@ -127,7 +131,7 @@ def show(
     from zoo.units import human_bytes
 
     c = console()
-    c.print(f"[bold]{m.ref}[/]  {m.label}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}")
+    c.print(f"{m.ref}  {m.label}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}")
     if m.kind == "adapter":
         c.print(f"config: {m.method.model_dump(exclude_defaults=True)}  task_type={m.task_type or '-'}")
     else:
@@ -153,12 +157,16 @@ def remove(name: Annotated[str, typer.Argument(help="NAME (every version) or NAM
 @app.command()
 def verify(
     name: Annotated[Optional[str], typer.Argument(help="NAME or NAME@VERSION (default: everything).")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Fetch missing or corrupt files again from their recorded source (hash-checked).")] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-hash stored files against their manifests; exit code 1 when anything is missing or corrupt."""
+    """Re-hash stored files against their manifests; exit code 1 when anything is missing or corrupt.
+    With --repair, fetch them again; what cannot be repaired is an error (exit code 2)."""
     from zoo import api
 
+    if repair:
+        return _repair(name, registry, as_json)
     results = api.verify(name, registry=registry)
     bad = [r for r in results if r.problem]
     if as_json:
@@ -171,14 +179,31 @@ def verify(
         raise typer.Exit(1)
 
 
+def _repair(name: str | None, registry: Path | None, as_json: bool) -> None:
+    from zoo.errors import ZooError
+    from zoo.repair import repair
+
+    results = repair(name, registry=registry)
+    if as_json:
+        print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            if r.error is None:
+                typer.echo(f"repaired {r.ref} {r.path} ({r.problem}) from {r.repaired_from}")
+        typer.echo(f"{sum(r.error is None for r in results)}/{len(results)} damaged files repaired" if results else "every stored file is intact")
+    if failed := [r for r in results if r.error]:
+        more = f" (+{len(failed) - 1} more: {', '.join(f'{r.ref} {r.path}' for r in failed[1:])})" if len(failed) > 1 else ""
+        raise ZooError(failed[0].error + more)
+
+
 @app.command()
 def inspect(
-    adapter: Annotated[str, typer.Argument(help="A registered NAME[@VERSION], an adapter folder, or a .safetensors file.")],
+    adapter: Annotated[str, typer.Argument(help="A registered NAME[@VERSION], an adapter folder (PEFT or AdapterHub), or a .safetensors file.")],
     base: Annotated[Optional[str], typer.Option(help="Base model folder or config.json, for the share of the base.")] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Size report of an adapter, read from the safetensors header only (never the tensor data)."""
+    """What an adapter holds — method, ranks or sites, virtual tokens, sizes — from the safetensors header only."""
     from zoo import api
     from zoo.inspect import inspect_adapter, render_inspect
 
@@ -194,17 +219,37 @@ def inspect(
 @app.command()
 def estimate(
     base: Annotated[str, typer.Option(help="The base's config.json, or a folder holding it (and zoo-architecture.json for remote-code models).")],
-    method: Annotated[str, typer.Option(help="Adapter method.")] = "lora",
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    targets: Annotated[Optional[str], typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's defaults for the model type).")] = None,
+    method: Annotated[str, typer.Option(help="lora | adalora | ia3 | prefix | prompt | ptuning | bottleneck | mam.")] = "lora",
+    rank: Annotated[Optional[int], typer.Option(help="lora: rank r (default 8).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="lora, adalora, ia3: comma-separated module names, or all-linear (default: PEFT's defaults for the model type).")] = None,
+    init_r: Annotated[Optional[int], typer.Option(help="adalora: every module's starting rank (default 12).")] = None,
+    target_r: Annotated[Optional[int], typer.Option(help="adalora: average rank after pruning (default 8).")] = None,
+    feedforward: Annotated[Optional[str], typer.Option(help="ia3: comma-separated feed-forward targets, whose input is scaled (default: PEFT's).")] = None,
+    num_virtual_tokens: Annotated[Optional[int], typer.Option(help="prefix, prompt, ptuning, mam: virtual tokens (mam default 30).")] = None,
+    prefix_projection: Annotated[Optional[bool], typer.Option("--prefix-projection/--no-prefix-projection", help="prefix, mam: train the prefix through an MLP (PEFT saves its output; AdapterHub, mam's default, the MLP).")] = None,
+    encoder_hidden_size: Annotated[Optional[int], typer.Option(help="prefix, mam: that MLP's width (mam default 800); ptuning: its encoder's.")] = None,
+    encoder_type: Annotated[Optional[str], typer.Option(help="ptuning: MLP or LSTM encoder (training only; default MLP).")] = None,
+    encoder_num_layers: Annotated[Optional[int], typer.Option(help="ptuning: LSTM layers (default 2).")] = None,
+    num_transformer_submodules: Annotated[Optional[int], typer.Option(help="prompt, ptuning: 2 for encoder-decoders (default: from the config).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="bottleneck: pfeiffer (after the FFN, default) | houlsby (after attention and FFN) | parallel.")] = None,
+    reduction_factor: Annotated[Optional[float], typer.Option(help="bottleneck, mam: hidden size ÷ bottleneck width (default: the variant's, 16 or 2).")] = None,
+    sites: Annotated[Optional[str], typer.Option(help="bottleneck: comma-separated attention,ffn (overrides the variant's).")] = None,
     dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32.")] = "fp16",
     as_json: JsonOpt = False,
 ) -> None:
-    """Exact size of an adapter from the base's config alone (no weights are read or downloaded)."""
+    """Exact size of an adapter of any method from the base's config alone (no weights are read or downloaded)."""
     from zoo.estimate import estimate_adapter, render_estimate
 
-    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
-    report = estimate_adapter(base, method=method, rank=rank, targets=target_list, dtype=dtype)
+    def names(text: Optional[str]) -> Optional[list[str]]:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    report = estimate_adapter(
+        base, method=method, dtype=dtype, rank=rank, targets=names(targets), init_r=init_r, target_r=target_r,
+        feedforward=names(feedforward), num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection,
+        encoder_hidden_size=encoder_hidden_size, encoder_type=encoder_type, encoder_num_layers=encoder_num_layers,
+        num_transformer_submodules=num_transformer_submodules, variant=variant, reduction_factor=reduction_factor,
+        sites=names(sites),
+    )
     if as_json:
         return print_json(report.model_dump(mode="json"))
     render_estimate(report, console())
@@ -216,7 +261,7 @@ def compose(
     name: Annotated[str, typer.Option(help="Name of the new registry entry.")],
     fusion: Annotated[str, typer.Option(help="stack (outputs add) | weighted (one new LoRA) | attention (AdapterFusion).")] = "stack",
     weights: Annotated[Optional[str], typer.Option(help="weighted: comma-separated weights, may be negative (default: all 1).")] = None,
-    method: Annotated[str, typer.Option(help="weighted: cat | svd | linear | ties | dare_linear | dare_ties | magnitude_prune | *_svd.")] = "svd",
+    method: Annotated[Optional[str], typer.Option(help="weighted LoRA: cat | svd (default) | linear | ties | dare_linear | dare_ties | magnitude_prune | *_svd; IA3 sums linearly.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="weighted, svd methods: rank of the result.")] = None,
     density: Annotated[Optional[float], typer.Option(help="weighted, ties/dare/magnitude_prune: fraction kept.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for DARE masks and fusion initialisation.")] = 0,
@@ -292,12 +337,13 @@ def run(
     adapters: Annotated[Optional[str], typer.Option(help="Adapters / compositions joined by '+'.")] = None,
     fusion: Annotated[Optional[str], typer.Option(help="stack | weighted | attention (for several adapters).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="fusion weighted: comma-separated weights.")] = None,
-    method: Annotated[str, typer.Option(help="fusion weighted: combination method.")] = "svd",
+    method: Annotated[Optional[str], typer.Option(help="fusion weighted: combination method (LoRA default svd; IA3 sums linearly).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="fusion weighted, svd methods: rank.")] = None,
     drop: Annotated[int, typer.Option(help="AdapterDrop: no adapter computation in the first K layers.")] = 0,
     quantize: Annotated[Optional[str], typer.Option(help="nf4 | fp4 | int8: load the base quantized (bitsandbytes).")] = None,
     merge: Annotated[bool, typer.Option(help="Fold the LoRA deltas into the weights first.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Causal LMs: tokens to generate (greedy).")] = 32,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the base's own code (its auto_map); never implied.")] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -307,6 +353,7 @@ def run(
     result = run_prompts(
         base, prompt, adapters=adapters, fusion=fusion, weights=_floats(weights, "--weights") if weights else None, method=method,
         rank=rank, drop=drop, quantize=quantize, merge=merge, max_new_tokens=max_new_tokens, registry=registry,
+        trust_remote_code=trust_remote_code,
     )
     if as_json:
         return print_json(result)
@@ -350,7 +397,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
             sys.exit(code)
     except USER_ERRORS as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {one_line(str(e))}", err=True)  # a CompositionError may quote input too
+        sys.exit(2)
+    except OSError as e:  # what the system refused (a name too long, no permission, a full disk): its own words
+        typer.echo(f"error: {one_line(str(e))}", err=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -14,9 +14,11 @@ import importlib
 from typing import TYPE_CHECKING
 
 from compose.adalora.config import AdaLoraConfig
+from compose.bottleneck.config import BottleneckConfig
 from compose.errors import CompositionError
 from compose.ia3.config import IA3Config
 from compose.lora.config import LoraConfig
+from compose.mam.config import MamConfig
 from compose.prefix.config import PrefixConfig
 from compose.prompt.config import PromptConfig
 
@@ -32,7 +34,8 @@ METHODS: dict[str, tuple[type, str, str]] = {
     "prompt": (PromptConfig, "compose.prompt", "prompt"),
     "ptuning": (PromptConfig, "compose.prompt", "prompt"),
     "prefix": (PrefixConfig, "compose.prefix", "prefix"),
-    # BOTTLENECK-PENDING
+    "bottleneck": (BottleneckConfig, "compose.bottleneck", "bottleneck"),
+    "mam": (MamConfig, "compose.mam", "mam"),
 }
 
 #: What acts where, which decides what composes with what (docs/methods.md has the table).
@@ -106,7 +109,7 @@ def check_composition(adapters: list[tuple[str, str]], *, fusion: str | None = N
         methods = {method for _, method in adapters}
         if not any(methods <= group for group in WEIGHTABLE):
             raise CompositionError(
-                f"a weighted sum needs LoRA/AdaLoRA adapters (one LoRA results) or IA3 adapters (one vector set); got {', '.join(f'{n} ({m})' for n, m in adapters)}"
+                f"a weighted sum combines LoRA/AdaLoRA adapters into one LoRA, or IA3 adapters into one IA3 vector set; got {', '.join(f'{n} ({m})' for n, m in adapters)}"
             )
 
 
@@ -134,9 +137,9 @@ def attach_fusion(model: nn.Module, name: str, config, state: dict[str, torch.Te
 
 def detach_fusion(model: nn.Module) -> nn.Module:
     """Take any AdapterFusion (LoRA-form or bottleneck) off `model`."""
-    from compose.fusion.model import detach_fusion as detach_lora_fusion
+    from compose.fusion.model import detach_fusion as detach_any_fusion
 
-    return detach_lora_fusion(model)  # BOTTLENECK-PENDING
+    return detach_any_fusion(model)
 
 
 def merge(model: nn.Module) -> dict:

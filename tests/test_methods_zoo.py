@@ -145,7 +145,7 @@ def test_stacks_across_methods_equal_their_parts(setup):
         (["prompt", "ptuning"], dict(fusion="attention"), "cannot fuse prompt adapter 'prompt' with attention"),
         (["ia3-a", "ia3-b"], dict(fusion="attention"), "cannot fuse ia3 adapter 'ia3-a'"),
         (["prompt"], dict(drop=1), "AdapterDrop cannot skip prompt adapter 'prompt'"),
-        (["ia3-a", "lora"], dict(fusion="weighted"), "a weighted sum needs LoRA/AdaLoRA adapters"),
+        (["ia3-a", "lora"], dict(fusion="weighted"), "a weighted sum combines LoRA/AdaLoRA adapters into one LoRA"),
         (["prefix", "prompt"], dict(), "prompt"),
     ],
 )
@@ -165,3 +165,15 @@ def test_cli_lists_and_inspects_every_method(setup, zoo_cli):
     assert code == 0, err
     for shape in ("adalora", "r=4→2", "ia3", "prefix", "3 tokens", "prompt", "4 tokens"):
         assert shape in out
+
+
+def test_weighted_ia3_refuses_lora_only_options(setup):
+    root, base, folders = setup
+    with pytest.raises(ZooError, match="IA3 vectors combine linearly"):
+        zoo.load(root / "base", adapters=[folders["ia3-a"], folders["ia3-b"]], fusion="weighted", method="ties", density=0.5)
+
+
+def test_lora_on_a_module_scaled_by_ia3_is_refused_clearly(setup):
+    root, base, folders = setup
+    with pytest.raises(CompositionError, match="already scaled by an IA3 adapter"):
+        zoo.load(root / "base", adapters=[folders["ia3-b"], folders["ada"]])

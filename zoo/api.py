@@ -13,14 +13,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from compose.lora.config import LoraConfig
 from zoo.errors import ZooError
-from zoo.formats import peft as peft_format
-from zoo.manifest import AdapterManifest, BaseModelRef, DtypeSize, FileEntry, Manifest, SizeInfo, Source, check_name
+from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
+from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
 from zoo.paths import registry_path, zoo_home
 from zoo.registry import Registry
+from zoo.safety import check_links
 from zoo.store import Store, sha256_file
 
 PathLike = str | os.PathLike
@@ -34,47 +34,17 @@ def open_store() -> Store:
     return Store(zoo_home())
 
 
-def split_adapters(adapters: str | Iterable[str]) -> list[str]:
-    """'a+b' or ['a', 'b'] → ['a', 'b']."""
-    items = adapters.split("+") if isinstance(adapters, str) else list(adapters)
+def split_adapters(adapters: PathLike | Iterable[PathLike]) -> list[str]:
+    """'a+b', a folder, or ['a', Path('b')] → ['a', 'b']."""
+    if isinstance(adapters, os.PathLike):
+        adapters = [adapters]
+    items = adapters.split("+") if isinstance(adapters, str) else [os.fspath(a) for a in adapters]
     if any(not a.strip() for a in items):
         raise ZooError(f"empty adapter name in {adapters!r}", "write a+b or a list of names")
     return [a.strip() for a in items]
 
 
-# --- reading an adapter folder -------------------------------------------------------------------
-
-
-@dataclass
-class AdapterFolder:
-    """A PEFT adapter folder as read from disk, before it is stored."""
-
-    config: LoraConfig
-    raw_config: dict[str, Any]
-    unknown_keys: dict[str, Any]
-    weights: Path  # a safetensors file (a converted copy when the source was a pickle)
-    converted_from: FileEntry | None = None
-
-
-def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Path | None = None) -> AdapterFolder:
-    """Parse and check a PEFT adapter folder; a pickle is converted to safetensors in `workdir`."""
-    if not folder.exists():
-        raise ZooError(f"{folder} does not exist")
-    if not folder.is_dir():
-        raise ZooError(f"{folder} is not a folder", "point at the folder holding adapter_config.json")
-    raw = peft_format.read_json_config(folder / peft_format.CONFIG_NAME)
-    config, unknown = peft_format.lora_config_from_peft(raw, where=str(folder / peft_format.CONFIG_NAME))
-    weights = peft_format.weights_file(folder, allow_pickle)
-    converted = None
-    if weights.suffix == ".bin":
-        from safetensors.torch import save_file
-
-        state = peft_format.load_pickle_state(weights)
-        sha, size = sha256_file(weights)
-        converted = FileEntry(path=weights.name, sha256=sha, size=size)
-        weights = Path(workdir or tempfile.mkdtemp()) / peft_format.SAFETENSORS_NAME
-        save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
-    return AdapterFolder(config, raw, unknown, weights, converted)
+# --- measuring an adapter ---------------------------------------------------------------------------
 
 
 def measure_tensors(weights: Path) -> SizeInfo:
@@ -88,8 +58,11 @@ def measure_tensors(weights: Path) -> SizeInfo:
     return SizeInfo(trainable_params=sum(d.params for d in by_dtype.values()), bytes=sum(d.bytes for d in by_dtype.values()), by_dtype=by_dtype)
 
 
-def measure_size(weights: Path, config: LoraConfig) -> SizeInfo:
-    """Sizes from the safetensors header; every module's rank must be the one the config gives it."""
+def measure_size(weights: Path, config: MethodConfig) -> SizeInfo:
+    """Sizes from the safetensors header; for LoRA every module's rank must be the one the config gives it
+    (other methods' shapes are checked against the model when attached)."""
+    if config.method != "lora":
+        return measure_tensors(weights)
     from zoo.inspect import inspect_adapter
 
     report = inspect_adapter(weights, config={"peft_type": "LORA", **config.model_dump()})
@@ -113,19 +86,27 @@ def add(
     tags: Iterable[str] = (),
     license: str | None = None,
     allow_pickle: bool = False,
+    base: PathLike | None = None,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Import a PEFT adapter folder into the store and register it.
+    """Import an adapter folder (written by PEFT or AdapterHub) into the store and register it.
 
     Sizes, ranks and hashes are measured from the files. A name that already exists is refused.
 
     Example:
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP
     """
+    from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES
+
     folder = Path(path)
+    check_links(folder, ["adapter_config.json", *(n for names in WEIGHTS_NAMES.values() for n in names), FUSION_CONFIG_NAME, *FUSION_WEIGHTS_NAMES])  # no file from outside it
     reg = open_registry(registry)
     source = Source(kind="local", path=_source_path(folder, reg))
-    return register_folder(folder, name=name or folder.resolve().name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, registry=registry)
+    if (folder / FUSION_CONFIG_NAME).is_file():
+        from zoo.composition import register_fusion_folder
+
+        return register_fusion_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, registry=registry)
+    return register_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, registry=registry)
 
 
 def register_folder(
@@ -137,34 +118,28 @@ def register_folder(
     tags: Iterable[str] = (),
     license: str | None = None,
     allow_pickle: bool = False,
+    base: PathLike | None = None,
     new_version_of_same_source: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Store a PEFT adapter folder's files and register them under `name` (see `add` and `register`)."""
+    """Store an adapter folder's files and register them under `name` (see `add` and `register`)."""
     name = check_name(name)
     reg = open_registry(registry)
     if reg.versions(name) and not new_version_of_same_source:
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
     with tempfile.TemporaryDirectory() as work:
-        adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work))
+        adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config)
         store = open_store()
-        files = [
-            store.put(folder / peft_format.CONFIG_NAME, peft_format.CONFIG_NAME),
-            store.put(adapter.weights, peft_format.SAFETENSORS_NAME),
-        ]
-    raw = adapter.raw_config
+        files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
     manifest = AdapterManifest(
         name=name,
         method=adapter.config,
-        base_model=BaseModelRef(
-            name_or_path=raw.get("base_model_name_or_path"),
-            revision=raw.get("revision"),
-            architecture=(raw.get("auto_mapping") or {}).get("base_model_class"),
-        ),
-        task_type=raw.get("task_type"),
+        format=adapter.format,
+        base_model=adapter.base_model,
+        task_type=adapter.task_type,
         size=size,
         files=files,
         source=source,
@@ -174,6 +149,16 @@ def register_folder(
         extra_config=adapter.unknown_keys,
     )
     return register(manifest, new_version_of_same_source=new_version_of_same_source, registry=registry)
+
+
+def _base_config(base: PathLike | None) -> dict | None:
+    """A local base's config.json (AdapterHub prefixes need its attention layout), or None."""
+    if base is None:
+        return None
+    from zoo.formats.peft import read_json_config
+
+    path = Path(base)
+    return read_json_config(path / "config.json" if path.is_dir() else path, "config.json")
 
 
 def register(manifest: Manifest, *, new_version_of_same_source: bool = False, registry: PathLike | None = None) -> Manifest:

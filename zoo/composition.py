@@ -67,7 +67,7 @@ def check_members(adapters: list[ResolvedAdapter]) -> None:
 
 
 def combine_adapters(
-    adapters: list[ResolvedAdapter], weights: Iterable[float] | None, *, method: str = "svd", rank: int | None = None,
+    adapters: list[ResolvedAdapter], weights: Iterable[float] | None, *, method: str | None = None, rank: int | None = None,
     density: float | None = None, seed: int = 0, name: str = "weighted",
 ) -> ResolvedAdapter:
     """One adapter computing the weighted combination of `adapters`: IA3 adapters give one IA3 vector set
@@ -86,7 +86,10 @@ def combine_adapters(
         raise ZooError(f"{len(weights)} weights for {len(adapters)} adapters", "give one weight per adapter")
     check_composition([(a.name, a.config.method) for a in adapters], fusion="weighted")
     if adapters[0].config.method == "ia3":
+        if method not in (None, "linear") or rank is not None or density is not None:
+            raise ZooError("IA3 vectors combine linearly (l = Σ wᵢ·lᵢ, peft's rule)", "drop method/rank/density for IA3 adapters")
         return _combine_ia3(adapters, weights, name)
+    method = method or "svd"
     adapters = [as_lora(a) for a in adapters]
     check_members(adapters)
     for a in adapters:
@@ -153,7 +156,7 @@ def compose(
     fusion: str,
     name: str,
     weights: Iterable[float] | None = None,
-    method: str = "svd",
+    method: str | None = None,
     rank: int | None = None,
     density: float | None = None,
     seed: int = 0,
@@ -192,7 +195,7 @@ def compose(
     recipe: dict[str, Any] = {"fusion": fusion}
     if fusion == "weighted":
         combined = combine_adapters(members, weights, method=method, rank=rank, density=density, seed=seed, name=name)
-        recipe |= {"method": method, "weights": list(weights) if weights is not None else None, "rank": rank, "density": density, "seed": seed}
+        recipe |= {"method": method or ("linear" if members[0].config.method == "ia3" else "svd"), "weights": list(weights) if weights is not None else None, "rank": rank, "density": density, "seed": seed}
         with tempfile.TemporaryDirectory() as work:
             folder = peft_format.save_adapter(Path(work) / name, combined.config, combined.state, base_model=combined.base_model, task_type=combined.task_type)
             source = Source(kind="composition", members=refs, recipe=recipe)
@@ -226,3 +229,39 @@ def _store_fusion_weights(state: dict[str, torch.Tensor]):
         path = Path(work) / FUSION_WEIGHTS
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, metadata={"format": "pt"})
         return open_store().put(path, FUSION_WEIGHTS)
+
+
+def register_fusion_folder(
+    folder: Path, *, name: str, source: Source, task: str | None = None, tags: Iterable[str] = (),
+    allow_pickle: bool = False, registry: PathLike | None = None,
+) -> CompositionManifest:
+    """Register an AdapterHub AdapterFusion folder (`adapter_fusion_config.json` + weights) over members
+    already in the registry under the names the fusion lists; its files are stored as they are."""
+    from zoo.api import measure_tensors
+    from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES, read_adapterhub_fusion
+    from zoo.formats.peft import weights_file
+
+    check_name(name)
+    config, _, meta = read_adapterhub_fusion(folder, allow_pickle=allow_pickle)
+    reg = open_registry(registry)
+    missing = [m for m in config.members if not reg.versions(m)]
+    if missing:
+        raise ZooError(f"{folder}: the fusion's members {missing} are not in the registry", "`zoo add` each member adapter under the name the fusion lists first")
+    members = [reg.resolve(m) for m in config.members]
+    weights = weights_file(folder, allow_pickle, FUSION_WEIGHTS_NAMES)
+    with tempfile.TemporaryDirectory() as work:
+        if weights.suffix == ".bin":  # stored as safetensors, like adapters' pickles
+            from safetensors.torch import save_file
+
+            state = peft_format.load_pickle_state(weights)
+            weights = Path(work) / FUSION_WEIGHTS_NAMES[0]
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+        store = open_store()
+        files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME), store.put(weights, FUSION_WEIGHTS_NAMES[0])]
+    refs = [MemberRef(name=m.name, version=m.version, sha256=m.weights.sha256) for m in members]
+    manifest = CompositionManifest(
+        name=name, fusion="attention", fusion_config=config, format="adapterhub", members=refs, base_model=members[0].base_model,
+        size=measure_tensors(open_store().blob_path(files[1].sha256)), files=files, source=source,
+        task=task, tags=sorted(set(tags)),
+    )
+    return register(manifest, registry=registry)

@@ -1,4 +1,5 @@
-"""Build (and optionally train) an AdapterFusion over registered LoRA adapters.
+"""Build (and optionally train) an AdapterFusion over registered adapters: LoRA-form (LoRA, AdaLoRA) or
+bottleneck (bottleneck, MAM), whichever kind the members are (`compose.methods.attach_fusion`).
 
 Training data is JSONL: `{"text": ...}` for a causal LM, `{"text": ..., "label": ...}` for
 classification (a model with a classification head) or, on an encoder without a head (e.g. a
@@ -84,8 +85,8 @@ def build_fusion(
     progress: bool,
 ) -> tuple[FusionConfig, dict[str, torch.Tensor]]:
     """The fusion's config (members after pruning) and weights, keyed relative to the model."""
-    from compose.fusion.model import attach_fusion, fusion_attention, fusion_state, prune_fusion, record_attention
-    from compose.lora.model import attach_lora
+    from compose.fusion.model import fusion_attention, fusion_state, prune_fusion, record_attention
+    from compose.methods import attach, attach_fusion
 
     base = base or members[0].base_model
     if base is None:
@@ -94,7 +95,7 @@ def build_fusion(
         raise ZooError("--prune-below needs data to measure attention on", "pass --train DATA.jsonl")
     model = load_base(base, task_type=members[0].task_type, architecture=members[0].architecture)
     for m in members:
-        attach_lora(model, m.name, m.config, m.state)
+        attach(model, m.name, m.config, m.state)
     config = FusionConfig(members=[m.name for m in members], temperature=temperature)
     attach_fusion(model, "fusion", config, seed=seed)
     if train:
@@ -104,7 +105,7 @@ def build_fusion(
 
         rows = read_jsonl(train)
         objective = _objective(model, rows)
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # load_base refused remote code
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batches = _batches(rows, tokenizer, objective, batch_size)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_store, register, register_folder
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
+from zoo.formats.adapterhub import FUSION_CONFIG_NAME as ADAPTERHUB_FUSION_CONFIG
+from zoo.formats.adapterhub import FUSION_WEIGHTS_NAMES as ADAPTERHUB_FUSION_WEIGHTS
 from zoo.formats.folder import WEIGHTS_NAMES
 from zoo.formats.peft import CONFIG_NAME
 from zoo.loading import FUSION_WEIGHTS
@@ -39,8 +41,11 @@ if TYPE_CHECKING:
 ZOO_MANIFEST = "zoo.json"  # the manifest as pushed: `pull` restores it
 CARD_NAME = "README.md"
 # What `pull` fetches when the repo has it (PEFT or AdapterHub files); a pickle only when there is no safetensors.
-FETCHED = (CONFIG_NAME, *(name for names in WEIGHTS_NAMES.values() for name in names), FUSION_WEIGHTS, ZOO_MANIFEST, CARD_NAME)
-_SAFETENSORS_OF_PICKLE = {pickle: safetensors for safetensors, pickle in WEIGHTS_NAMES.values()}
+FETCHED = (
+    CONFIG_NAME, *(name for names in WEIGHTS_NAMES.values() for name in names), FUSION_WEIGHTS,
+    ADAPTERHUB_FUSION_CONFIG, *ADAPTERHUB_FUSION_WEIGHTS, ZOO_MANIFEST, CARD_NAME,
+)
+_SAFETENSORS_OF_PICKLE = {pickle: safetensors for safetensors, pickle in [*WEIGHTS_NAMES.values(), ADAPTERHUB_FUSION_WEIGHTS]}
 # PEFT task types -> the Hub's pipeline tags.
 PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
@@ -99,6 +104,8 @@ def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
         raise ZooError(f"cannot reach {endpoint} ({type(e).__name__})", "check the network or HF_ENDPOINT, then retry: downloads resume") from None
     except HFValidationError as e:
         raise ZooError(f"invalid repo id {what!r}: {_first_line(str(e))}", "write ORG/NAME") from None
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no URL can carry
+        raise ZooError(f"{what!r} or its revision holds bytes that are not UTF-8", "write the repo id and revision in plain text") from None
 
 
 def _first_line(text: str | None) -> str:
@@ -144,7 +151,7 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
         return pulled[-1]
     with hub_errors(repo_id, sha):
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(f, RepoFile)}
-        if CONFIG_NAME not in tree and ZOO_MANIFEST not in tree:
+        if not {CONFIG_NAME, ZOO_MANIFEST, ADAPTERHUB_FUSION_CONFIG} & tree.keys():
             raise ZooError(f"{where} holds neither {CONFIG_NAME} nor {ZOO_MANIFEST}", "is it an adapter repo? (see its files on the Hub)")
         wanted = [p for p in FETCHED if p in tree and _SAFETENSORS_OF_PICKLE.get(p) not in tree]
         folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=wanted))
@@ -155,6 +162,10 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
     if ZOO_MANIFEST in tree:
         manifest = _restore(folder, source, name, where, registry)
         return register(manifest, new_version_of_same_source=True, registry=registry)
+    if ADAPTERHUB_FUSION_CONFIG in tree:
+        from zoo.composition import register_fusion_folder
+
+        return register_fusion_folder(folder, name=name or repo_id.split("/")[-1], source=source, allow_pickle=allow_pickle, registry=registry)
     return register_folder(
         folder, name=name or repo_id.split("/")[-1], source=source, allow_pickle=allow_pickle,
         new_version_of_same_source=True, registry=registry,
@@ -359,6 +370,8 @@ def search(base: str, *, method: str | None = None, limit: int | None = 50) -> l
     """
     from huggingface_hub import HfApi
 
+    if limit is not None and limit < 1:
+        raise ZooError(f"limit {limit} is not a positive number", "pass --limit 1 or more")
     filters = [f"base_model:adapter:{base}", *([method] if method else [])]
     with hub_errors(base):
         found = list(HfApi().list_models(filter=filters, sort="downloads", limit=limit))

@@ -55,7 +55,7 @@ class Resolved:
 
 
 def _from_manifest(manifest: AdapterManifest, registry: PathLike | None) -> ResolvedAdapter:
-    state = load_adapter_state(adapter_folder(manifest, registry=registry), manifest.format)
+    state = load_adapter_state(adapter_folder(manifest, registry=registry), manifest.method, manifest.format)
     return ResolvedAdapter(
         manifest.name, manifest.method, state, manifest.task_type,
         manifest.base_model.architecture, manifest.base_model.name_or_path, manifest,
@@ -69,7 +69,7 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
         if Path(item).is_dir():
             with tempfile.TemporaryDirectory() as work:
                 adapter = read_adapter_folder(Path(item), allow_pickle=allow_pickle, workdir=Path(work))
-            state = load_adapter_state(Path(item), adapter.format, allow_pickle=allow_pickle)
+            state = load_adapter_state(Path(item), adapter.config, adapter.format, allow_pickle=allow_pickle)
             out.adapters.append(ResolvedAdapter(
                 Path(item).resolve().name, adapter.config, state, adapter.task_type,
                 adapter.base_model.architecture, adapter.base_model.name_or_path,
@@ -83,9 +83,15 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
         if manifest.fusion == "attention":
             if out.fusion:
                 raise ZooError(f"{manifest.ref} is a second fusion in one load", "load one fusion at a time")
-            from safetensors.torch import load_file
+            folder = adapter_folder(manifest, registry=registry)
+            if manifest.format == "adapterhub":
+                from zoo.formats.adapterhub import read_adapterhub_fusion
 
-            state = load_file(adapter_folder(manifest, registry=registry) / FUSION_WEIGHTS)
+                state = read_adapterhub_fusion(folder)[1]
+            else:
+                from safetensors.torch import load_file
+
+                state = load_file(folder / FUSION_WEIGHTS)
             out.fusion = (manifest.name, manifest.fusion_config, state)
     names = [a.name for a in out.adapters]
     if len(set(names)) != len(names):
@@ -133,6 +139,9 @@ def load_base(
 
     from zoo.safety import refuse_remote_code
 
+    if Path(base).is_dir() and not (Path(base) / "config.json").is_file() and (Path(base) / "adapter_config.json").is_file():
+        # transformers would load the adapter's base and the adapter (or fail on a config without a base)
+        raise ZooError(f"{str(base)!r} is an adapter folder, not a base model", "pass the base model, and the adapter as --adapters / adapters=")
     refuse_remote_code(base, trust_remote_code, revision=kwargs.get("revision"))
     kwargs["trust_remote_code"] = trust_remote_code
     if model_class is None:
@@ -154,7 +163,7 @@ def load(
     *,
     fusion: str | None = None,
     weights: Iterable[float] | None = None,
-    method: str = "svd",
+    method: str | None = None,
     rank: int | None = None,
     density: float | None = None,
     seed: int = 0,
@@ -197,6 +206,8 @@ def load(
     resolved = resolve(adapters, registry=registry, allow_pickle=allow_pickle) if adapters else Resolved()
     if fusion not in (None, "stack", "weighted", "attention"):
         raise ZooError(f"unknown fusion {fusion!r}", "use stack, weighted or attention")
+    if fusion in ("weighted", "attention") and not resolved.adapters:
+        raise ZooError(f"fusion {fusion!r} has no adapters to combine", "pass adapters, e.g. adapters='a+b' (--adapters a+b)")
     check_composition(
         [(a.name, a.config.method) for a in resolved.adapters],
         fusion="attention" if resolved.fusion else fusion, merge=merge, drop=drop,

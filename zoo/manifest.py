@@ -14,16 +14,18 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from compose.adalora.config import AdaLoraConfig
+from compose.bottleneck.config import BottleneckConfig
 from compose.fusion.config import FusionConfig
 from compose.ia3.config import IA3Config
 from compose.lora.config import LoraConfig
+from compose.mam.config import MamConfig
 from compose.prefix.config import PrefixConfig
 from compose.prompt.config import PromptConfig
 from zoo.errors import ZooError
 
 #: One member per method the engine implements (`compose.methods.METHODS`), told apart by `method`.
 MethodConfig = Annotated[
-    Union[LoraConfig, AdaLoraConfig, IA3Config, PromptConfig, PrefixConfig],  # BOTTLENECK-PENDING
+    Union[LoraConfig, AdaLoraConfig, IA3Config, PromptConfig, PrefixConfig, BottleneckConfig, MamConfig],
     Field(discriminator="method"),
 ]
 
@@ -48,7 +50,9 @@ def method_summary(config: Any) -> str:
     if m in ("prompt", "ptuning", "prefix"):
         return f"{config.num_virtual_tokens} tokens"
     if m == "bottleneck":
-        return config.variant
+        sites = "parallel" if config.is_parallel else "houlsby" if config.mh_adapter and config.output_adapter else "pfeiffer" if config.output_adapter else "attention"
+        factor = config.reduction_factor if not isinstance(config.reduction_factor, dict) else config.reduction_factor.get("default", "per-layer")
+        return f"{sites} ÷{factor:g}" if isinstance(factor, float | int) else f"{sites} ÷{factor}"
     if m == "mam":
         return f"{config.prefix.num_virtual_tokens} tokens + parallel"
     return "-"
@@ -213,6 +217,7 @@ class CompositionManifest(_Entry):
     fusion: Literal["stack", "attention"]
     members: list[MemberRef] = Field(min_length=1)
     fusion_config: FusionConfig | None = Field(None, description="fusion=attention: the fusion layers' settings.")
+    format: Literal["zoo", "adapterhub"] = Field("zoo", description="fusion=attention: whose file layout the fusion weights follow.")
 
     @property
     def label(self) -> str:

@@ -148,6 +148,10 @@ def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig)
     path = resolve_module(model, key)
     module = get_module(model, path)
     base = module.base_layer if isinstance(module, LoraLayer) else module
+    from compose.ia3.layer import IA3Layer  # here: compose.ia3 builds on this module
+
+    if isinstance(base, IA3Layer):
+        raise CompositionError(f"module '{path}' is already scaled by an IA3 adapter; LoRA and IA3 cannot adapt the same module (detach the IA3 adapter, or target other modules)")
     if base_kind(base) is None:
         raise CompositionError(f"module '{path}' is a {type(base).__name__}; LoRA supports Linear, GPT-2 Conv1D and bitsandbytes Linear4bit/Linear8bitLt")
     missing = {"lora_A", "lora_B"} - set(tensors)

@@ -113,12 +113,15 @@ def read_adapterhub_adapter(
         config, prompt = _prefix(cfg, state, model_config, raw.get("hidden_size"), where)
         return config, {"prompt_embeddings": prompt}, meta
     if architecture == "union":
-        kinds = [c.get("architecture") for c in cfg.get("configs", [])]
+        configs = cfg.get("configs")
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise ZooError(f"{where}: an AdapterHub config union needs a list of config objects, found {configs!r}")
+        kinds = [c.get("architecture") for c in configs]
         if sorted(kinds, key=str) != sorted(["prefix_tuning", None], key=str):
             raise ZooError(f"{where}: AdapterHub config union of {kinds} is not supported yet", "only MAM (prefix_tuning + a bottleneck adapter) is")
         from compose.mam.config import MamConfig
 
-        prefix_cfg, bn_cfg = sorted(cfg["configs"], key=lambda c: c.get("architecture") is None)
+        prefix_cfg, bn_cfg = sorted(configs, key=lambda c: c.get("architecture") is None)
         adapter = _bottleneck_config(bn_cfg, where)
         prefix, prompt = _prefix(prefix_cfg, state, model_config, raw.get("hidden_size"), where)
         bottleneck_state = _bottleneck_state({k: v for k, v in state.items() if ".prefix_tunings." not in f".{k}"}, adapter, where)
@@ -222,6 +225,7 @@ def _bottleneck_state(state: dict[str, torch.Tensor], config: BottleneckConfig, 
 def _prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], model_config: Any, hidden: int | None, where: str) -> tuple[PrefixConfig, torch.Tensor]:
     """PrefixConfig + PEFT-layout prompt_embeddings (T, L·2·kv_heads·head_dim) from AdapterHub's prefix pool."""
     import torch
+    from pydantic import ValidationError
 
     from compose.bottleneck.layer import activation
     from compose.prefix.config import PrefixConfig
@@ -237,6 +241,10 @@ def _prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], model_config: A
     kv_heads = mc.get("num_key_value_heads") or heads
     layers = mc.get("num_hidden_layers") or mc.get("n_layer")
     hidden = hidden or mc.get("hidden_size") or mc.get("n_embd")
+    T = cfg.get("prefix_length", 30)
+    for name, value in (("hidden_size", hidden), ("prefix_length", T)):
+        if type(value) is not int or value < 1:  # the file is input: a string or a bool here would fail deep in torch
+            raise ZooError(f"{where}: {name} {value!r} is not a positive whole number")
     head_dim = mc.get("d_kv") or hidden // heads  # AdapterHub's choice
     pool: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -249,7 +257,7 @@ def _prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], model_config: A
     needed = {"control_trans"} if cfg.get("flat") else {"wte.weight", *(f"control_trans.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))}
     if not needed <= pool.keys():
         raise ZooError(f"{where}: the weights lack prefix tensors {sorted(needed - pool.keys())}", "is the weights file this adapter's?")
-    T, width = cfg.get("prefix_length", 30), layers * 2 * kv_heads * head_dim
+    width = layers * 2 * kv_heads * head_dim
     linear = lambda x, i: torch.nn.functional.linear(x, pool[f"control_trans.{i}.weight"].float(), pool[f"control_trans.{i}.bias"].float())
     with torch.no_grad():
         if cfg.get("flat"):
@@ -258,8 +266,13 @@ def _prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], model_config: A
             prompt = linear(activation(cfg.get("non_linearity", "tanh"))(linear(pool["wte.weight"].float(), 0)), 2)
     if tuple(prompt.shape) != (T, width):
         raise ZooError(f"{where}: prefix has shape {tuple(prompt.shape)}, expected ({T}, {width}) for {layers} layers × {kv_heads} heads × {head_dim}", "model_config is not the adapter's base model")
-    config = PrefixConfig(
-        num_virtual_tokens=T, num_layers=layers, token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
-        prefix_projection=not cfg.get("flat"), encoder_hidden_size=None if cfg.get("flat") else cfg.get("bottleneck_size"), position_offset=False,
-    )
+    try:
+        config = PrefixConfig(
+            num_virtual_tokens=T, num_layers=layers, token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
+            prefix_projection=not cfg.get("flat"), encoder_hidden_size=None if cfg.get("flat") else cfg.get("bottleneck_size"), position_offset=False,
+        )
+    except ValidationError as e:  # e.g. a bottleneck_size that is no size
+        from zoo.manifest import validation_message
+
+        raise ZooError(validation_message(e, where)) from None
     return config, prompt.contiguous()

@@ -58,8 +58,11 @@ def config_format(raw: dict[str, Any]) -> Format:
     return "adapterhub" if "peft_type" not in raw and isinstance(raw.get("config"), dict) else "peft"
 
 
-def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Path | None = None) -> AdapterFolder:
-    """Parse and check an adapter folder; a pickle is converted to safetensors in `workdir`."""
+def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Path | None = None, model_config: dict | None = None) -> AdapterFolder:
+    """Parse and check an adapter folder; a pickle is converted to safetensors in `workdir`.
+
+    `model_config` (the base's config.json) is needed for AdapterHub prefixes, whose files do not record
+    the attention layout; without it, a local base named in the adapter's `model_name` is used."""
     if not folder.exists():
         raise ZooError(f"{folder} does not exist")
     if not folder.is_dir():
@@ -76,7 +79,10 @@ def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Pa
     else:
         from zoo.formats.adapterhub import read_adapterhub_adapter
 
-        config, _, meta = read_adapterhub_adapter(folder, allow_pickle=allow_pickle)
+        local_base = Path(str(raw.get("model_name") or "")) / "config.json"
+        if model_config is None and local_base.is_file():
+            model_config = peft_format.read_json_config(local_base, "config.json")
+        config, _, meta = read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=model_config)
         unknown, task_type = {}, None
         base = BaseModelRef(name_or_path=meta.get("model_name"), model_type=meta.get("model_type"), architecture=meta.get("model_class"))
     weights = peft_format.weights_file(folder, allow_pickle, WEIGHTS_NAMES[fmt])
@@ -90,15 +96,35 @@ def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Pa
         sha, size = sha256_file(weights)
         converted = FileEntry(path=weights.name, sha256=sha, size=size)
         weights = Path(workdir or tempfile.mkdtemp()) / WEIGHTS_NAMES[fmt][0]
-        # AdapterHub pickles share tensors between names (a prefix pool per layer); safetensors stores each once per name
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+        save_file(_distinct(state), weights, metadata={"format": "pt"})
     return AdapterFolder(fmt, config, raw, unknown, weights, base, task_type, converted, folder / peft_format.CONFIG_NAME)
 
 
-def load_adapter_state(folder: Path, fmt: Format, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder, keyed as the engine takes them (relative to the transformers model)."""
+def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per tensor: AdapterHub pickles name some tensors twice or once per layer (its shared prefix
+    pool, a LayerNorm under `ln_before`), which safetensors refuses; the first name in sorted order is kept."""
+    seen, out = set(), {}
+    for name in sorted(state):
+        t = state[name]
+        identity = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if identity not in seen:
+            seen.add(identity)
+            out[name] = t.contiguous()
+    return out
+
+
+def load_adapter_state(folder: Path, config: MethodConfig, fmt: Format, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder whose `config` is known, keyed as the engine takes them."""
     if fmt == "adapterhub":
         from zoo.formats.adapterhub import read_adapterhub_adapter
 
-        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle)[1]
+        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=_attention_layout(config))[1]
     return peft_format.strip_prefix(peft_format.load_state(peft_format.weights_file(folder, allow_pickle)))
+
+
+def _attention_layout(config: MethodConfig) -> dict | None:
+    """The part of a base config that AdapterHub's prefix import needs, from a prefix already imported once."""
+    prefix = config if config.method == "prefix" else getattr(config, "prefix", None)
+    if prefix is None:
+        return None
+    return {"num_hidden_layers": prefix.num_layers, "num_attention_heads": prefix.num_attention_heads, "d_kv": prefix.head_dim}

@@ -85,7 +85,8 @@ def config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[Met
     """
     from compose.methods import METHODS
 
-    method = PEFT_TYPES.get(cfg.get("peft_type"))
+    peft_type = cfg.get("peft_type")
+    method = PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None  # a list or dict is no key
     if method is None:
         raise ZooError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported", f"supported: {', '.join(PEFT_TYPES)}")
     config_class = METHODS[method][0]
