@@ -177,3 +177,16 @@ def test_lora_on_a_module_scaled_by_ia3_is_refused_clearly(setup):
     root, base, folders = setup
     with pytest.raises(CompositionError, match="already scaled by an IA3 adapter"):
         zoo.load(root / "base", adapters=[folders["ia3-b"], folders["ada"]])
+
+
+def test_zoo_load_mixed_rows_equal_each_adapter_alone(setup):
+    root, base, folders = setup
+    model = zoo.load(root / "base", adapters=[folders["ada"], folders["lora"]], mixed=True)
+    ids = token_ids(batch=3)
+    with torch.no_grad():
+        mixed = model(ids, adapter_ids=torch.tensor([0, 1, -1])).logits
+    for row, adapter in enumerate([folders["ada"], folders["lora"], None]):
+        alone = zoo.load(root / "base", adapters=[adapter]) if adapter else base
+        torch.testing.assert_close(mixed[row], logits(alone, ids[row : row + 1])[0], atol=ATOL, rtol=0)
+    with pytest.raises(ZooError, match="mixed batches run LoRA/AdaLoRA adapters side by side"):
+        zoo.load(root / "base", adapters=[folders["lora"], folders["ia3-a"]], mixed=True)

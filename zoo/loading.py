@@ -168,6 +168,7 @@ def load(
     density: float | None = None,
     seed: int = 0,
     drop: int = 0,
+    mixed: bool = False,
     quantize: str | None = None,
     merge: bool = False,
     registry: PathLike | None = None,
@@ -188,6 +189,8 @@ def load(
             'attention' (an untrained AdapterFusion, i.e. the average of the members' outputs; a
             registered fusion brings its trained weights).
         drop: AdapterDrop — no adapter computation in the first `drop` transformer layers.
+        mixed: multi-LoRA batches — `model(ids, adapter_ids=t)` / `model.generate(ids, adapter_ids=t)` runs
+            row i with adapter `adapters[t[i]]` (−1: the base), one gathered matmul per module.
         quantize: 'nf4' | 'fp4' | 'int8' loads the base quantized by bitsandbytes (QLoRA's setting).
         merge: fold the LoRA deltas into the base weights (no adapter cost at inference).
         dtype, device_map, quantization_config: passed to transformers' `from_pretrained` unchanged, so a
@@ -243,6 +246,13 @@ def load(
         from compose.methods import attach_fusion
 
         attach_fusion(model, *resolved.fusion)
+    if mixed:
+        others = [f"{a.name} ({a.config.method})" for a in resolved.adapters if a.config.method not in ("lora", "adalora")]
+        if others or resolved.fusion or fusion == "weighted":
+            raise ZooError(f"mixed batches run LoRA/AdaLoRA adapters side by side; got {', '.join(others) or 'a fusion'}", "load those without mixed=True")
+        from compose.lora.mixed import enable_mixed
+
+        enable_mixed(model, [a.name for a in resolved.adapters])
     if drop:
         from compose.drop import set_drop
 

@@ -11,7 +11,8 @@ PEFT upcasts it): the input is cast to it and the sum cast back to the base outp
 
 Two hooks change that. With a `fusion` installed (AdapterFusion, `compose.fusion`) the layer returns
 y + fusion(y, stack(δᵢ)) over its fusion members' δᵢ = s·(B·A·x + β), whatever the active list says.
-With `skip` set (AdapterDrop, `compose.drop`) it returns the base output alone.
+With `skip` set (AdapterDrop, `compose.drop`) it returns the base output alone. During a mixed-adapter
+call (`compose.lora.mixed`) each batch row gets its own adapter's delta instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compose.errors import CompositionError
+from compose.heads import Delegating, SavedModule  # noqa: F401  (SavedModule moved to compose.heads; importable here still)
 from compose.merge.report import QuantError
 
 
@@ -46,22 +48,6 @@ def base_features(module: nn.Module) -> tuple[int, int]:
 def adapter_dtype(module: nn.Module) -> torch.dtype:
     """The dtype PEFT gives an adapter on `module`: fp64 over fp64, else fp32 (half and quantized bases upcast)."""
     return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
-
-
-class Delegating(nn.Module):
-    """A wrapper of `self.base_layer` that answers the look-ups it can't (`weight`, `in_features`, ...) from
-    `current_module()`, so code that reads e.g. `q_proj.weight.dtype` keeps working."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self.current_module(), name)
-
-    def current_module(self) -> nn.Module:
-        return self.base_layer
 
 
 class LoraAdapter(nn.Module):
@@ -104,6 +90,7 @@ class LoraLayer(Delegating):
         self.fusion: nn.Module | None = None  # AdapterFusion over `fused` (a sub-module, so its tensors save as `<path>.fusion.*`)
         self.fused: tuple[LoraAdapter, ...] = ()
         self.skip = False  # AdapterDrop: no adapter computation in this layer
+        self.mixed: nn.Module | None = None  # stacked adapters for mixed-adapter batches (compose.lora.mixed)
 
     def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
         """Register `adapter` under `name` (inactive until `set_active` names it)."""
@@ -130,6 +117,8 @@ class LoraLayer(Delegating):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.mixed is not None and self.mixed.rows.slots is not None:  # each row its own adapter
+            return self.mixed(self, x, result)
         if self.merged or self.skip:
             return result
         out_dtype = result.dtype
@@ -238,22 +227,3 @@ class LoraLayer(Delegating):
         from compose.merge.bnb import requantize_layer
 
         return requantize_layer(self.base_layer, weight)
-
-
-class SavedModule(Delegating):
-    """A module (e.g. a classifier head) that adapters replace wholesale with trained copies (`modules_to_save`).
-
-    Runs the copy of the active adapter that has one, else the original `base_layer`.
-    """
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        self.copies = nn.ModuleDict()
-        self.active: str | None = None
-
-    def current_module(self) -> nn.Module:
-        return self.base_layer if self.active is None else self.copies[self.active]
-
-    def forward(self, *args, **kwargs):
-        return self.current_module()(*args, **kwargs)
