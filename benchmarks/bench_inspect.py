@@ -1,6 +1,6 @@
 """`zoo inspect` reads the header only: time vs file size, beside a full load of the same file.
 
-    python benchmarks/bench_inspect.py [--quick]
+    python benchmarks/bench_inspect.py [--quick] [--json PATH]
 
 Writes a 1 MB and a 1 GB LoRA-shaped safetensors file (the 1 GB one as a real file, so the full
 load really reads it), then times `zoo.inspect.inspect_adapter` (ours) and
@@ -14,14 +14,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.inspect import inspect_adapter  # noqa: E402
+from common import ROOT, Report, arguments, best_ms, fmt, ratio
+from zoo.inspect import inspect_adapter
 
 
 def lora_file(path: Path, total_bytes: int) -> Path:
@@ -35,34 +34,27 @@ def lora_file(path: Path, total_bytes: int) -> Path:
     return path
 
 
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     from safetensors.torch import load_file
 
-    quick = "--quick" in sys.argv
-    sizes = [10**6, 10**8] if quick else [10**6, 10**9]
-    print("| file | ours: inspect (header) ms | full load ms | ratio |")
-    print("|---:|---:|---:|---:|")
+    args = arguments(__doc__, "1 MB and 100 MB files")
+    sizes = [10**6, 10**8] if args.quick else [10**6, 10**9]
+    report = Report("inspect", "LoRA-shaped safetensors files (r=64 pairs of width 8192, fp16), warm page cache")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             path = lora_file(Path(tmp) / f"{size}.safetensors", size)
-            ours = best(lambda: inspect_adapter(path), 5)
-            full = best(lambda: [t.clone() for t in load_file(path).values()], 2)  # materialised, as a loader holds them
-            print(f"| {path.stat().st_size / 1e6:,.0f} MB | {ours * 1e3:.1f} | {full * 1e3:.0f} | {full / ours:,.0f}× |")
+            ours, _ = best_ms(lambda: inspect_adapter(path), 5)
+            full, _ = best_ms(lambda: [t.clone() for t in load_file(path).values()], 2)  # materialised, as a loader holds them
+            rows.append([f"{path.stat().st_size / 1e6:,.0f} MB", fmt(ours, 1), fmt(full, 0), ratio(full / ours)])
             path.unlink()
-    root = Path(__file__).resolve().parents[1]
+    report.table("", ["file", "ours: inspect (header) ms", "full load (materialised) ms", "full / ours"], rows)
+    report.note(f"inspect of the {rows[-1][0]} file: {rows[-1][1][0]} ms, {rows[-1][3][0]} faster than loading it")
     with tempfile.TemporaryDirectory() as home:
         env = {"ZOO_HOME": home, "PATH": "/usr/bin:/bin"}
-        took = best(lambda: subprocess.run([sys.executable, "-m", "cli.main", "list", "--json"], cwd=root, env=env, check=True, capture_output=True), 5)
-    print(f"\n`zoo list` end to end (python start-up included, no torch import): {took * 1e3:.0f} ms (target < 500 ms)")
+        took, _ = best_ms(lambda: subprocess.run([sys.executable, "-m", "cli.main", "list", "--json"], cwd=ROOT, env=env, check=True, capture_output=True), 5)
+    report.note(f"`zoo list` end to end (python start-up included, no torch import): {took:.0f} ms (target < 500 ms)")
+    report.save(args.json, zoo_list_ms=took)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ generated in a temporary folder. Each merge runs in its own fresh process, which
 PEFT loads the whole model, merges and saves it with the same shard size. Both outputs are compared
 tensor by tensor (max |Δ|) to check the merges agree.
 
-    python benchmarks/bench_merge.py [--quick]
+    python benchmarks/bench_merge.py [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, Report, arguments, fmt, ratio
 
 # The peak RSS of this process alone (VmHWM), reset to the current RSS before the merge: ru_maxrss would
 # also count the parent's memory at fork and the transient peak of importing transformers.
@@ -112,12 +111,10 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~50 MB checkpoint instead of ~0.5 GB")
-    quick = parser.parse_args().quick
+    args = arguments(__doc__, "a ~50 MB checkpoint instead of ~0.5 GB")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base, adapter, shard = make_checkpoint(tmp, quick)
+        base, adapter, shard = make_checkpoint(tmp, args.quick)
         shards = sorted(base.glob("*.safetensors"))
         total, largest = sum(p.stat().st_size for p in shards), max(p.stat().st_size for p in shards)
         results = {
@@ -126,16 +123,18 @@ def main() -> None:
         }
         diff = max_difference(tmp / "ours", tmp / "peft")
     mb = lambda n: n / 2**20  # noqa: E731
-    print(f"checkpoint: {mb(total):.0f} MiB fp32 in {len(shards)} shards, largest {mb(largest):.1f} MiB; LoRA r=16 on q,k,v,o\n")
-    print("| merge | peak RSS MiB | merge peak MiB | merge peak / largest shard | wall s | GB/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    report = Report("merge", f"checkpoint {mb(total):.0f} MiB fp32 in {len(shards)} shards, largest {mb(largest):.1f} MiB; "
+                             "LoRA r=16 on q,k,v,o; each merge in its own process")
+    rows = []
     for name, r in results.items():
         growth = r["peak"] - r["before"]
-        print(f"| {name} | {mb(r['peak']):.0f} | {mb(growth):.0f} | {growth / largest:.2f}× | {r['seconds']:.2f} | {total / r['seconds'] / 1e9:.2f} |")
+        rows.append([name, fmt(mb(r["peak"]), 0), fmt(mb(growth), 0), ratio(growth / largest), fmt(r["seconds"], 2), fmt(total / r["seconds"] / 1e9, 2)])
+    report.table("", ["merge", "peak RSS MiB", "merge peak MiB", "merge peak / largest shard", "wall s", "GB/s"], rows)
     ours, ref = results.values()
-    print(f"\nours / peft: merge peak {(ours['peak'] - ours['before']) / (ref['peak'] - ref['before']):.2f}×, "
-          f"peak RSS {ours['peak'] / ref['peak']:.2f}×, time {ours['seconds'] / ref['seconds']:.2f}×; "
-          f"max |ours − peft| over all tensors: {diff:.1e}")
+    report.note(f"ours / peft: merge peak {(ours['peak'] - ours['before']) / (ref['peak'] - ref['before']):.2f}×, "
+                f"peak RSS {ours['peak'] / ref['peak']:.2f}×, time {ours['seconds'] / ref['seconds']:.2f}× "
+                f"(throughput {ref['seconds'] / ours['seconds']:.2f}×); max abs difference ours − peft over all tensors: {diff:.1e}")
+    report.save(args.json, checkpoint_bytes=total, largest_shard_bytes=largest, results=results)
 
 
 if __name__ == "__main__":

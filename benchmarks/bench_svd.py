@@ -6,64 +6,23 @@ here on the same one-layer model (a square `nn.Linear` of each width, adapters r
 in the same process. Errors are ‖B·A − D_k‖_F / ‖D_k‖_F against D_k, the fp64 dense truncated SVD of the
 exact weighted sum (slow: ~90 s at width 4096 on 2 cores; --quick skips the big widths).
 
-    python benchmarks/bench_svd.py [--quick]
+    python benchmarks/bench_svd.py [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-import warnings
-from pathlib import Path
-
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compose.lora.weighted import LoraFactors, combine  # noqa: E402
+from common import Report, arguments, best_ms, fmt, peft_one_layer, ratio
+from compose.lora.weighted import combine
 
 RANK, TARGET_RANK, WEIGHTS = 16, 16, [0.6, -0.4]
 
 
-class OneLayer(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.proj = nn.Linear(width, width, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def peft_model(width: int):
-    """One square Linear with two PEFT adapters: a (alpha 32) and b (alpha 16, rsLoRA), random A and B."""
-    import peft
-
-    torch.manual_seed(0)
-    model = None
-    for name, alpha, rslora in (("a", 32, False), ("b", 16, True)):
-        config = peft.LoraConfig(r=RANK, lora_alpha=alpha, use_rslora=rslora, target_modules=["proj"], init_lora_weights=False)
-        model = peft.get_peft_model(OneLayer(width), config, adapter_name=name) if model is None else model
-        if name not in model.peft_config:
-            model.add_adapter(name, config)
-    return model
-
-
-def timed(fn, reps: int) -> tuple[float, object]:
-    """Best wall time in ms over `reps` calls (other load only ever adds time), and the last result."""
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times), out
-
-
 def bench(width: int, peft_reps: int, with_ref: bool) -> dict:
-    model = peft_model(width)
+    model, factors = peft_one_layer(width, RANK)
+    factors = [factors["a"], factors["b"]]
     layer = model.base_model.model.proj
-    factors = [LoraFactors(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), layer.scaling[a]) for a in ("a", "b")]
 
     def run_peft():
         model.add_weighted_adapter(["a", "b"], WEIGHTS, "svd", combination_type="svd", svd_rank=TARGET_RANK)
@@ -71,8 +30,8 @@ def bench(width: int, peft_reps: int, with_ref: bool) -> dict:
         model.delete_adapter("svd")
         return out
 
-    ours_ms, (A, B) = timed(lambda: combine(factors, WEIGHTS, "svd", rank=TARGET_RANK), reps=10)
-    peft_ms, (pA, pB) = timed(run_peft, reps=peft_reps)
+    ours_ms, (A, B) = best_ms(lambda: combine(factors, WEIGHTS, "svd", rank=TARGET_RANK), reps=10)
+    peft_ms, (pA, pB) = best_ms(run_peft, reps=peft_reps)
     row = {"width": width, "ours_ms": ours_ms, "peft_ms": peft_ms, "ours_err": float("nan"), "peft_err": float("nan")}
     if with_ref:
         exact = sum(w * f.scaling * f.B.double() @ f.A.double() for f, w in zip(factors, WEIGHTS))
@@ -84,25 +43,19 @@ def bench(width: int, peft_reps: int, with_ref: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="widths 512 and 1024 only")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+    args = arguments(__doc__, "widths 512 and 1024 only")
     widths = [512, 1024] if args.quick else [1024, 2048, 4096]
-
     bench(256, peft_reps=1, with_ref=False)  # warm-up: imports, LAPACK/thread-pool start
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}; "
-          f"2 adapters r={RANK}, target rank {TARGET_RANK}; best of 10 (ours) / 3 (peft; 1 at 4096) runs\n")
-    print("| width | ours ms | peft ms | speed-up | ours rel. err | peft rel. err |")
-    print("|------:|--------:|--------:|---------:|--------------:|--------------:|")
+    report = Report("svd", f"2 adapters r={RANK}, target rank {TARGET_RANK}; best of 10 (ours) / 3 (peft; 1 at 4096) runs")
+    rows = []
     for width in widths:
         r = bench(width, peft_reps=3 if width <= 2048 else 1, with_ref=True)
-        print(
-            f"| {r['width']} | {r['ours_ms']:.2f} | {r['peft_ms']:.0f} | {r['peft_ms'] / r['ours_ms']:.0f}× "
-            f"| {r['ours_err']:.1e} | {r['peft_err']:.1e} |",
-            flush=True,
-        )
+        rows.append([width, fmt(r["ours_ms"], 2), fmt(r["peft_ms"], 0), ratio(r["peft_ms"] / r["ours_ms"]),
+                     (f"{r['ours_err']:.1e}", r["ours_err"]), (f"{r['peft_err']:.1e}", r["peft_err"])])
+    report.table("", ["width", "ours ms", "peft ms", "peft / ours", "ours rel. err", "peft rel. err"], rows)
+    report.note(f"ours {rows[0][3][0]} (width {widths[0]}) to {rows[-1][3][0]} (width {widths[-1]}) faster than peft; "
+                f"relative error ours {max(r[4][1] for r in rows):.1e}, peft {max(r[5][1] for r in rows):.1e} (max over widths)")
+    report.save(args.json)
 
 
 if __name__ == "__main__":
