@@ -17,11 +17,9 @@ shown beside K = 0. Before timing, task outputs are compared with each task run 
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from common import Report, arguments, bert, fmt, ratio, same_adapters
+from common import Report, arguments, bert, fmt, interleaved_ms, ratio, same_adapters
 from compose.drop import set_drop
 from compose.lora.model import set_active_adapters
 from compose.parallel import disable_parallel, enable_parallel
@@ -44,24 +42,13 @@ def check(model, names: list[str], k: int, x: torch.Tensor) -> float:
 
 
 def sweep(model, pm, names: list[str], ks: list[int], x: torch.Tensor, rounds: int) -> tuple[dict[int, float], float]:
-    """Best ms per K (rounds interleaved over the K values), and PEFT's all-tasks-as-rows call."""
-    best = dict.fromkeys(ks, float("inf"))
-    peft_best = float("inf")
+    """Best ms per K, and of PEFT's all-tasks-as-rows call; each round runs every K once (after its untimed set-up)."""
     rows = x.repeat(len(names), 1)
     row_names = [n for n in names for _ in range(x.shape[0])]
-    for i in range(rounds + 1):  # round 0 warms up
-        for k in ks:
-            enable_parallel(model, names, k)
-            start = time.perf_counter()
-            model(x)
-            if i:
-                best[k] = min(best[k], 1e3 * (time.perf_counter() - start))
-        disable_parallel(model)
-        start = time.perf_counter()
-        pm(input_ids=rows, adapter_names=row_names)
-        if i:
-            peft_best = min(peft_best, 1e3 * (time.perf_counter() - start))
-    return best, peft_best
+    blocks = [((lambda k=k: enable_parallel(model, names, k)), {k: lambda: model(x)}) for k in ks]
+    blocks.append((lambda: disable_parallel(model), {"peft": lambda: pm(input_ids=rows, adapter_names=row_names)}))
+    best = {case: ms for block in interleaved_ms(blocks, warmup=1, rounds=rounds) for case, ms in block.items()}
+    return {k: best[k] for k in ks}, best["peft"]
 
 
 def main() -> None:
@@ -69,7 +56,7 @@ def main() -> None:
     hidden, seq, rounds, runs = (128, 32, 1, [(1, None), (2, [0, 5, 12])]) if args.quick else (768, 128, 2, [(1, None), (4, [0, 3, 5, 8, 12])])
     layers = 12
     report = Report("drop", f"BERT-base shape (12 layers, hidden {hidden}), {TASKS} LoRA tasks r={RANK} on q/k/v/o, {seq} tokens per row; "
-                            f"best of {rounds} interleaved rounds")
+                            f"best of {rounds} rounds")
     base = bert(hidden, layers, seq)
     names = [f"task{i}" for i in range(TASKS)]
     ours, pm = same_adapters(base, {n: dict(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS) for n in names})

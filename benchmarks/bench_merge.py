@@ -124,7 +124,7 @@ def main() -> None:
         diff = max_difference(tmp / "ours", tmp / "peft")
     mb = lambda n: n / 2**20  # noqa: E731
     report = Report("merge", f"checkpoint {mb(total):.0f} MiB fp32 in {len(shards)} shards, largest {mb(largest):.1f} MiB; "
-                             "LoRA r=16 on q,k,v,o; each merge in its own process")
+                             "LoRA r=16 on q,k,v,o; each merge in its own process", timer="wall time (also with --cpu-time)")
     rows = []
     for name, r in results.items():
         growth = r["peak"] - r["before"]

@@ -17,8 +17,6 @@ results are not comparable entry by entry (the tests check ours against PEFT's f
 
 from __future__ import annotations
 
-import torch
-
 from common import Report, arguments, best_ms, fmt, peft_one_layer, ratio
 from compose.lora.weighted import combine
 

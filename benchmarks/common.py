@@ -21,24 +21,42 @@ if str(ROOT) not in sys.path:  # the scripts run as `python benchmarks/bench_x.p
     sys.path.insert(0, str(ROOT))
 
 
+#: The timer of every timing here: wall time, or with `--cpu-time` the CPU time of this (only) thread.
+clock = time.perf_counter
+
+
 def arguments(doc: str, quick_help: str) -> argparse.Namespace:
-    """Parse `--quick` (a short run that checks the script) and `--json PATH`; silences library warnings."""
+    """Parse `--quick` (a short run that checks the script), `--json PATH` and `--cpu-time`; silences library warnings.
+
+    `--cpu-time` runs torch on one thread and times with that thread's CPU time (`time.thread_time`):
+    on a machine shared with other jobs, time spent waiting for a core is then not counted, so ratios
+    stay meaningful (wall-clock timings there swing by 2× from one minute to the next). The absolute
+    times are single-core times.
+    """
+    global clock
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the tables to this JSON file")
+    parser.add_argument("--cpu-time", action="store_true", help="one torch thread, timed by its CPU time (for shared machines)")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bars would litter the tables
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cpu_time:
+        import torch
+
+        torch.set_num_threads(1)
+        clock = time.thread_time
+    return args
 
 
 def best_ms(fn, reps: int) -> tuple[float, object]:
     """Best wall time in ms over `reps` calls (other load only ever adds time), and the last result."""
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         out = fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * min(times), out
 
 
@@ -56,10 +74,10 @@ def interleaved_ms(blocks: list[tuple], warmup: int, rounds: int) -> list[dict[s
             if setup is not None:
                 setup()
             for case, fn in cases.items():
-                start = time.perf_counter()
+                start = clock()
                 fn()
                 if i >= warmup:
-                    block_best[case] = min(block_best[case], 1e3 * (time.perf_counter() - start))
+                    block_best[case] = min(block_best[case], 1e3 * (clock() - start))
     return best
 
 
@@ -71,7 +89,7 @@ def environment() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {
@@ -86,18 +104,20 @@ def environment() -> dict:
     }
 
 
-def setup_line(what: str) -> str:
+def setup_line(what: str, timer: str | None = None) -> str:
     env = environment()
     load = ", ".join(f"{x:.1f}" for x in env["load_average"])
-    return f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; {env['threads']} threads, load average {load}; {what}"
+    timer = timer or ("wall time" if clock is time.perf_counter else "CPU time of the one thread")
+    return f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; {env['threads']} thread{'s' if env['threads'] > 1 else ''}, {timer}, load average {load}; {what}"
 
 
 class Report:
     """The tables of one script run: printed as Markdown as they come, saved as JSON at the end."""
 
-    def __init__(self, name: str, setup: str):
+    def __init__(self, name: str, setup: str, timer: str | None = None):
+        """`timer` names what the times measure when it is not `clock` (e.g. a subprocess's wall time)."""
         self.name, self.setup, self.tables, self.notes = name, setup, [], []
-        print(setup_line(setup) + "\n", flush=True)
+        print(setup_line(setup, timer) + "\n", flush=True)
 
     def table(self, title: str, columns: list[str], rows: list[list]) -> None:
         """Print a Markdown table (numbers already formatted as the reader should see them) and keep it.
@@ -123,7 +143,8 @@ class Report:
     def save(self, path: Path | None, **extra) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            data = {"name": self.name, "setup": self.setup, "environment": environment(), "tables": self.tables, "notes": self.notes, **extra}
+            data = {"name": self.name, "setup": self.setup, "environment": environment(), "clock": clock.__name__,
+                    "tables": self.tables, "notes": self.notes, **extra}
             path.write_text(json.dumps(data, indent=1, default=float) + "\n")
 
 

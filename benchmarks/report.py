@@ -36,20 +36,26 @@ def main() -> None:
     run = json.loads((args.results / "run.json").read_text())
     env = run["environment"]
     plots = os.path.relpath(run["plots"], args.out.parent)
+    load = lambda which: ", ".join(map(str, run[which]))  # noqa: E731
+    timer = ("`--cpu-time`: torch on one thread, timed by that thread's CPU time, so time spent waiting for a core on the "
+             "shared machine is not counted; times are single-core times (merge: wall time of each process)."
+             if run.get("cpu_time") else "wall time, torch on every core; best of n runs.")
     lines = [
         "# Benchmark results",
         "",
         f"One run of `{run['command']}` ({run['started']} → {run['finished']}, {run['minutes']:.0f} min), written by `benchmarks/report.py`.",
         "Every script runs ours and its anchor on the same work in the same process; ratios are against the anchor.",
         "",
-        f"- **Machine**: {env['cpu']}, {env['cores']} cores, torch using {env['threads']} threads; "
-        f"load average {', '.join(map(str, run['load_before']))} before, {', '.join(map(str, run['load_after']))} after",
+        (f"- **Machine**: {env['cpu']}, {env['cores']} cores, torch using {1 if run.get('cpu_time') else env['threads']} thread(s); "
+         f"load average {load('load_before')} before, {load('load_after')} after"),
         f"- **Versions**: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}",
+        f"- **Timer**: {timer}",
         "",
     ]
-    if max(run["load_before"][0], run["load_after"][0]) > 0.5 * env["cores"]:
-        lines += [f"> The machine was shared during this run (load average up to {max(run['load_before'][0], run['load_after'][0]):.1f} on "
-                  f"{env['cores']} cores): times are best-of-n, but treat ratios near 1 as ties.", ""]
+    if not run.get("cpu_time") and max(run["load_before"][0], run["load_after"][0]) > 0.5 * env["cores"]:
+        busiest = max(run["load_before"][0], run["load_after"][0])
+        lines += [(f"> The machine was shared during this run (load average up to {busiest:.1f} on {env['cores']} cores): "
+                   "times are best-of-n, but treat ratios near 1 as ties."), ""]
     lines += ["## Summary", "", "| benchmark | anchor | result |", "|:---|:---|:---|"]
     for script, (what, anchor) in ABOUT.items():
         data = args.results / f"{script.removeprefix('bench_')}.json"

@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (into a temporary folder unless --out)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these scripts (bench_NAME.py); the others' earlier results stay")
+    parser.add_argument("--cpu-time", action="store_true", help="scripts that take it run torch on one thread and time its CPU time (shared machines)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, or a temporary one with --quick)")
     args = parser.parse_args()
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else HERE / "results")
@@ -44,8 +45,8 @@ def main() -> int:
     for script in scripts:
         print(f"\n## {script.name}\n", flush=True)
         command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
-        if "--json" in script.read_text():
-            command += ["--json", str(out / f"{script.stem.removeprefix('bench_')}.json")]
+        if "from common import" in script.read_text():  # common.arguments: --json and --cpu-time
+            command += ["--json", str(out / f"{script.stem.removeprefix('bench_')}.json"), *(["--cpu-time"] if args.cpu_time else [])]
         proc = subprocess.Popen(command, cwd=HERE.parent, stdout=subprocess.PIPE, text=True)
         lines = []
         for line in proc.stdout:
@@ -57,7 +58,8 @@ def main() -> int:
             (out / f"{script.stem}.md").write_text("".join(lines))
 
     run = {
-        "command": "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (f" --only {' '.join(args.only)}" if args.only else ""),
+        "command": " ".join(["python benchmarks/run_all.py", *sys.argv[1:]]),
+        "cpu_time": args.cpu_time,
         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "minutes": (time.time() - started) / 60,
