@@ -22,7 +22,7 @@ from compose.fusion.config import FusionConfig
 from compose.fusion.model import attach_fusion
 from compose.lora.config import LoraConfig
 from compose.lora.layer import LoraLayer
-from compose.lora.mixed import disable_mixed, enable_mixed, mixed_adapters
+from compose.lora.mixed import dense_path, disable_mixed, enable_mixed, mixed_adapters
 from compose.lora.model import attach_lora, detach_lora, set_active_adapters
 from compose.lora.state import new_lora_state
 
@@ -70,14 +70,16 @@ def alone(model: torch.nn.Module, names: list[str], ids: list[int], x: torch.Ten
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 12], ids=lambda t: f"{t}-tokens-{'dense' if dense_path(t, 3) else 'gathered'}")
 @pytest.mark.parametrize("arch", ["llama", "gpt2-conv1d"])
-def test_each_row_equals_its_adapter_alone_and_peft(arch):
+def test_each_row_equals_its_adapter_alone_and_peft(arch, tokens):
     base, specs = (tiny_llama(), LLAMA) if arch == "llama" else (tiny_gpt2(), GPT2)
     ours, ref = ours_and_peft(base, specs)
     names = list(specs)
     enable_mixed(ours, names)
     assert mixed_adapters(ours) == names
-    x = token_ids(len(IDS), 9)
+    assert [dense_path(t, len(names)) for t in (1, 9, 12)] == [True, True, False]  # both ways to the sum are checked
+    x = token_ids(len(IDS), tokens)
     with torch.no_grad():
         mixed = ours(x, adapter_ids=torch.tensor(IDS)).logits
         peft_mixed = ref(x, adapter_names=["__base__" if k < 0 else names[k] for k in IDS]).logits

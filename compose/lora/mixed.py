@@ -14,7 +14,14 @@ gathered batched product, with k = ids + 1:
     y_i += x_i · Aᵀ[k_i] · Bᵀ[k_i] + β[k_i]
 
 This is the same sum as the single-adapter forward, so row i equals row i run alone with only its
-adapter active. The stacks are a snapshot (they follow `model.to()`, but not later changes to the adapter
+adapter active. Gathering each row's Aᵀ and Bᵀ copies (in + out)·r numbers per row, which a long row
+(prefill) amortises over its tokens but a decode step (one token per row) does not. So when a call has
+few tokens per row (tokens × adapters ≤ `DENSE_MAX`), the layer runs every adapter on every row as two
+plain matmuls over the adapters side by side, and zeroes the shares of the other adapters in between:
+
+    y_i += (x_i · [A₁ᵀ … A_Nᵀ] ⊙ m_i) · [B₁ᵀ; …; B_Nᵀ] + β[k_i],    m_i = 1 on adapter k_i's r columns
+
+N times the (small) LoRA FLOPs and no weight copy; the same sum, as the other shares are exact zeros. The stacks are a snapshot (they follow `model.to()`, but not later changes to the adapter
 weights: call `enable_mixed` again after those).
 """
 
@@ -31,10 +38,42 @@ from compose.lora.layer import LoraLayer, SavedModule
 from compose.lora.model import attached_adapters
 
 
+#: Calls with at most this many tokens per row × adapters run every adapter on every row (see above): at
+#: one token per row 2–3× faster than the gathered product, equal around 4 tokens × 8 adapters, slower for
+#: long rows (benchmarks/bench_mixed.py, hidden 512–2048, r = 16, CPU).
+DENSE_MAX = 32
+
+
+def dense_path(tokens_per_row: int, adapters: int) -> bool:
+    """Whether a mixed call with these sizes runs every adapter on every row (masked) instead of gathering."""
+    return tokens_per_row * adapters <= DENSE_MAX
+
+
 class _Rows:
     """The running call's stack slot per batch row (None outside a mixed call), shared by a model's layers."""
 
     slots: torch.Tensor | None = None
+
+    def set(self, ids: torch.Tensor, adapters: int) -> None:
+        """Rows run adapters `ids` (−1: the base) of `adapters` stacked ones until `clear`."""
+        self.slots, self.adapters, self._made = ids.long() + 1, adapters, {}
+
+    def clear(self) -> None:
+        self.slots, self._made = None, {}
+
+    def slots_on(self, device: torch.device) -> torch.Tensor:
+        return self._once(("slots", device), lambda: self.slots.to(device))
+
+    def mask(self, like: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, N, 1) in `like`'s dtype: 1 where the row runs that adapter (all 0 for a base row)."""
+        return self._once(("mask", like.dtype, like.device), lambda: (
+            self.slots_on(like.device).unsqueeze(1) == torch.arange(1, self.adapters + 1, device=like.device)).to(like.dtype)[:, None, :, None])
+
+    def _once(self, key: tuple, make):
+        """What `make()` returns, made once per call: every layer of the model reads the same."""
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
 
 
 class MixedStack(nn.Module):
@@ -45,6 +84,10 @@ class MixedStack(nn.Module):
         self.register_buffer("At", At, persistent=False)  # None on a layer that no mixed adapter targets
         self.register_buffer("Bt", Bt, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        # the same adapters side by side for the dense path: [A₁ᵀ … A_Nᵀ] (in, N·r), [B₁ᵀ; …; B_Nᵀ] (N·r, out)
+        side = None if At is None else (At[1:].permute(1, 0, 2).flatten(1).contiguous(), Bt[1:].flatten(0, 1).contiguous())
+        self.register_buffer("A_side", None if side is None else side[0], persistent=False)
+        self.register_buffer("B_side", None if side is None else side[1], persistent=False)
         self.path, self.rows = path, rows
 
     def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -56,12 +99,22 @@ class MixedStack(nn.Module):
             raise CompositionError(f"adapter_ids has {slots.shape[0]} entries but LoRA layer '{self.path}' got {x.shape[0]} rows; mixed batches need the batch as the inputs' first dimension")
         if layer.skip or self.At is None:  # AdapterDrop, or no mixed adapter here: the base alone for every row
             return result
-        slots = slots.to(self.At.device)
+        slots = self.rows.slots_on(self.At.device)
         xs = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (b, s, in)
-        h = torch.bmm(xs, self.At[slots])  # (b, s, r_max): one gathered batched matmul, no loop over adapters
-        delta = torch.bmm(h, self.Bt[slots]) if self.bias is None else torch.baddbmm(self.bias[slots].unsqueeze(1), h, self.Bt[slots])
+        (b, s), n = xs.shape[:2], self.At.shape[0] - 1
+        if dense_path(s, n):  # every adapter on every row, the other adapters' shares zeroed
+            h = torch.mm(xs.reshape(b * s, -1), self.A_side).view(b, s, n, -1).mul_(self.rows.mask(xs)).view(b * s, -1)
+            product = lambda acc: h @ self.B_side if acc is None else acc.view(b * s, -1).addmm_(h, self.B_side)  # noqa: E731
+        else:  # one gathered batched matmul per factor, no loop over adapters
+            h, right = torch.bmm(xs, self.At.index_select(0, slots)), self.Bt.index_select(0, slots)  # h: (b, s, r_max)
+            product = lambda acc: torch.bmm(h, right) if acc is None else acc.baddbmm_(h, right)  # noqa: E731
+        bias = None if self.bias is None else self.bias.index_select(0, slots).unsqueeze(1)  # (b, 1, out)
+        # inference, one dtype: accumulate into the fresh base output in place, as the single-adapter forward does
+        if result.dtype == xs.dtype and not torch.is_grad_enabled() and not layer.quantized and result.is_contiguous():
+            acc = result.view(b, s, -1)
+            return product(acc if bias is None else acc.add_(bias)).view(result.shape)
+        delta = product(None).view(result.shape) if bias is None else product(bias.expand(b, s, -1).clone()).view(result.shape)
         out_dtype = result.dtype
-        delta = delta.view(result.shape)
         # as the single-adapter forward: bnb bases get the delta cast back before adding, others add then cast
         return (result + (delta.to(out_dtype) if layer.quantized else delta)).to(out_dtype)
 
@@ -183,13 +236,13 @@ def _take_adapter_ids(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     n = len(state["names"])
     if rows and not -1 <= int(ids.min()) <= int(ids.max()) < n:
         raise CompositionError(f"adapter_ids must lie in [-1, {n - 1}] (−1: base model; 0..{n - 1}: {state['names']}), got values from {int(ids.min())} to {int(ids.max())}")
-    state["rows"].slots = ids.long() + 1
+    state["rows"].set(ids, n)
     return args, kwargs
 
 
 def _clear_adapter_ids(model: nn.Module, args: tuple, output) -> None:
     """Forward hook, run even when the forward raised: the next call without adapter_ids is a plain one."""
-    model._compose_mixed["rows"].slots = None
+    model._compose_mixed["rows"].clear()
 
 
 def _with_adapter_ids(prepare):
