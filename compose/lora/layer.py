@@ -186,13 +186,12 @@ class LoraLayer(Delegating):
             raise CompositionError("cannot merge lora_bias into a layer without a bias; keep the adapter unmerged")
         self._bias0 = None if bias is None else bias.detach().clone()
         for ad, f in zip(self.active, factors):
-            delta = ad.delta_weight().to(weight.dtype)
             if f is None:
-                weight += delta
+                self._add_delta(weight, ad, 1.0)
                 if ad.lora_bias is not None:
                     bias += (ad.lora_bias * ad.scaling).to(bias.dtype)
             else:
-                weight.add_(delta).mul_(f.view(-1, 1))
+                weight.add_(ad.delta_weight().to(weight.dtype)).mul_(f.view(-1, 1))
                 if bias is not None:
                     bias.copy_(self._bias0 + f * (bias - self._bias0))
             self.merged.append((ad, f))
@@ -211,24 +210,38 @@ class LoraLayer(Delegating):
         weight, bias = self._weight_to_merge(), self.base_layer.bias
         while self.merged:
             ad, f = self.merged.pop()
-            delta = ad.delta_weight().to(weight.dtype)
             if f is None:
-                weight -= delta
+                self._add_delta(weight, ad, -1.0)
                 if ad.lora_bias is not None:
                     bias -= (ad.lora_bias * ad.scaling).to(bias.dtype)
             else:
-                weight.div_(f.view(-1, 1)).sub_(delta)
+                weight.div_(f.view(-1, 1)).sub_(ad.delta_weight().to(weight.dtype))
                 if bias is not None:
                     bias.copy_(self._bias0 + (bias - self._bias0) / f)
         return self._store_merged(weight)
 
+    def _add_delta(self, weight: torch.Tensor, ad: LoraAdapter, sign: float) -> None:
+        """weight += sign·s·B·A. Full precision: inside the matmul, with no (out, in) temporary; half-precision
+        and dequantized bnb weights take the fp32 delta, cast (PEFT's rounding, which requantizing must match)."""
+        if not self.quantized and weight.dtype == ad.lora_A.dtype:
+            weight.addmm_(ad.lora_B, ad.lora_A, alpha=sign * ad.scaling)
+        else:
+            weight.add_(ad.delta_weight().to(weight.dtype), alpha=sign)
+
     def _weight_to_merge(self) -> torch.Tensor:
-        """W as (out, in) to merge into: a view of the base weight (writes reach it), or for bitsandbytes a dequantized fp32 copy."""
-        return self.base_weight().float() if self.quantized else self.base_weight()
+        """W as (out, in) to merge into: a copy of the base weight, or for bitsandbytes a dequantized fp32 copy.
+
+        A copy, not the weight itself: transformers maps safetensors weights from the file, and writing
+        into such a mapping faults every page in one by one (copy-on-write), several times slower than
+        copying it once into fresh memory (`_store_merged` puts the copy in place).
+        """
+        return self.base_weight().float() if self.quantized else self.base_weight().clone()
 
     def _store_merged(self, weight: torch.Tensor) -> QuantError | None:
-        """Quantize a bitsandbytes base's merged weight back into it, returning the rounding that adds."""
+        """Put the merged weight in the base layer: as its parameter's data (tied parameters follow: they are
+        the same object), or for bitsandbytes quantized back into it, returning the rounding that adds."""
         if not self.quantized:
+            self.base_layer.weight.data = weight.T if self.kind == "conv1d" else weight
             return None
         from compose.merge.bnb import requantize_layer
 
