@@ -1,4 +1,5 @@
-"""Test isolation: every test gets its own store and registry, and nothing reaches the network."""
+"""Test isolation: every test gets its own store and registry, and nothing reaches the network but the local
+Hub server of the `server` fixture."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def zoo_cli():
         return code, out.getvalue(), err.getvalue()
 
     return run
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A Hub server (tests/hubserver.py) that requires PLANTED_TOKEN for writes and private repos; the in-process
+    client points at it with that token. Fails the test if a request crashed the server."""
+    from tests.hubserver import PLANTED_TOKEN, HubServer
+
+    with HubServer(token=PLANTED_TOKEN) as hub_server:
+        hub_server.configure_client(monkeypatch, tmp_path / "hf-home")
+        yield hub_server
+    assert hub_server.errors == [], hub_server.errors[0]

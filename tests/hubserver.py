@@ -65,6 +65,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", 
 LFS_SIZE_THRESHOLD = 1 << 20  # larger files go to LFS whatever their name
 MAX_BODY = 256 << 20  # refuse request bodies above this (413)
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
+PLANTED_TOKEN = "hf_PLANTED_" + secrets.token_hex(16)  # fresh per run: tests check it shows up nowhere but in auth headers
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from compose.modules import get_module
 from tests.tiny import (
     make_peft_adapter,
     peft_model,
+    read_peft_adapter,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -61,17 +61,9 @@ def make_peft_adalora(base, out_dir, seed: int = 0, prune: bool = True, **kwargs
     return Path(out_dir)
 
 
-def read_adapter(adapter_dir: Path) -> tuple[AdaLoraConfig, dict[str, torch.Tensor]]:
-    """A saved PEFT AdaLoRA adapter as the engine takes it (the config keys AdaLoraConfig has; keys minus `base_model.model.`)."""
-    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
-    config = AdaLoraConfig(**{k: v for k, v in raw.items() if k in AdaLoraConfig.model_fields and k != "method" and v is not None})
-    state = load_file(adapter_dir / "adapter_model.safetensors")
-    return config, {k.removeprefix("base_model.model."): v for k, v in state.items()}
-
-
 def ours(base, adapter_dir: Path, name: str = "default"):
     model = copy.deepcopy(base)
-    attach_adalora(model, name, *read_adapter(adapter_dir))
+    attach_adalora(model, name, *read_peft_adapter(adapter_dir, AdaLoraConfig))
     return model
 
 
@@ -90,7 +82,7 @@ def merge_all(model) -> None:
 def test_llama_pruned_matches_peft(tmp_path, lora_alpha):
     base, ids = tiny_llama(), token_ids()
     adapter = make_peft_adalora(base, tmp_path / "a", target_modules=LLAMA_TARGETS, lora_alpha=lora_alpha)
-    config, _state = read_adapter(adapter)
+    config, _state = read_peft_adapter(adapter, AdaLoraConfig)
     ranks = {m: sum(mask) for m, mask in config.masks().items()}
     assert min(set(ranks.values())) == 0 and max(ranks.values()) == 4 and len(set(ranks.values())) >= 3
 
@@ -109,7 +101,7 @@ def test_unpruned_adapter_matches_peft(tmp_path):
     """No rank_pattern (saved before the budget was allocated): every module at init_r."""
     base, ids = tiny_llama(), token_ids()
     adapter = make_peft_adalora(base, tmp_path / "a", prune=False, target_modules=LLAMA_TARGETS, init_r=3)
-    assert read_adapter(adapter)[0].rank_pattern is None
+    assert read_peft_adapter(adapter, AdaLoraConfig)[0].rank_pattern is None
     torch.testing.assert_close(logits(ours(base, adapter), ids), logits(peft_model(base, adapter), ids), atol=1e-5, rtol=0)
 
 
@@ -124,7 +116,7 @@ def test_gpt2_conv1d_matches_peft(tmp_path):
 def test_bert_seq_cls_with_saved_head_matches_peft(tmp_path):
     base, ids = tiny_bert(), token_ids()
     adapter = make_peft_adalora(base, tmp_path / "a", target_modules=["query", "value", "intermediate.dense"], task_type="SEQ_CLS")
-    config, state = read_adapter(adapter)
+    config, state = read_peft_adapter(adapter, AdaLoraConfig)
     assert "classifier.weight" in state and "classifier" in config.modules_to_save
     torch.testing.assert_close(logits(ours(base, adapter), ids), logits(peft_model(base, adapter), ids), atol=1e-5, rtol=0)
 
@@ -155,7 +147,7 @@ def test_two_adalora_adapters_stack_as_in_peft(tmp_path):
     reference.load_adapter(str(second), adapter_name="b")
     reference.base_model.set_adapter(["default", "b"])
     model = ours(base, first)
-    attach_adalora(model, "b", *read_adapter(second))
+    attach_adalora(model, "b", *read_peft_adapter(second, AdaLoraConfig))
     expected = logits(reference, ids)
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=0)
     set_active_adapters(model, ["default"])  # it is a LoRA adapter to compose.lora
@@ -198,7 +190,7 @@ def test_detach_restores_the_model(tmp_path):
 def test_conversion_is_lora_with_scaled_rows(tmp_path):
     """Written out: A' = E⊙A, B' = B, scaling = alpha/(init_r + 1e-5) whatever the kept rank."""
     adapter = make_peft_adalora(tiny_llama(), tmp_path / "a", target_modules=LLAMA_TARGETS)
-    config, state = read_adapter(adapter)
+    config, state = read_peft_adapter(adapter, AdaLoraConfig)
     lora_config, lora = adalora_to_lora(config, state)
     for module, mask in config.masks().items():
         if not any(mask):
@@ -213,7 +205,7 @@ def test_conversion_is_lora_with_scaled_rows(tmp_path):
 
 def _pruned(tmp_path):
     adapter = make_peft_adalora(tiny_llama(), tmp_path / "a", target_modules=LLAMA_TARGETS)
-    config, state = read_adapter(adapter)
+    config, state = read_peft_adapter(adapter, AdaLoraConfig)
     module = next(m for m, mask in config.masks().items() if 0 < sum(mask) < config.init_r)
     return config, state, module
 

@@ -73,16 +73,7 @@ def test_list_shows_adapterhub_shapes(zoo_cli):
     assert code == 0 and "is_parallel" in out
 
 
-def test_hub_round_trip_keeps_the_adapterhub_layout(tmp_path, monkeypatch):
-    from tests.hubserver import HubServer
-
-    with HubServer(token="hf_test") as server:
-        server.configure_client(monkeypatch, tmp_path / "hf-home")
-        _round_trip()
-        assert server.errors == []
-
-
-def _round_trip():
+def test_hub_round_trip_keeps_the_adapterhub_layout(server):
     add("bert", "par")
     zoo.push("par", "org/bert-par")
     zoo.remove("par")
@@ -99,18 +90,13 @@ def test_untrained_bottleneck_fusion_is_the_members_average():
     assert not torch.allclose(fused, tensors["seq"], atol=1e-3) and not torch.allclose(fused, tensors["seq2"], atol=1e-3)
 
 
-def test_pull_of_a_plain_adapterhub_repo(tmp_path, monkeypatch):
+def test_pull_of_a_plain_adapterhub_repo(server):
     """A repo as AdapterHub's `push_adapter_to_hub` leaves it (no zoo.json): pulled, checked, registered as AdapterHub."""
     from huggingface_hub import HfApi
 
-    from tests.hubserver import HubServer
-
-    with HubServer(token="hf_test") as server:
-        server.configure_client(monkeypatch, tmp_path / "hf-home")
-        api = HfApi()
-        api.create_repo("org/bert-dbl")
-        api.upload_folder(repo_id="org/bert-dbl", folder_path=ROOT / "bert" / "adapters" / "dbl")
-        pulled = zoo.pull("org/bert-dbl", allow_pickle=True)
-        assert server.errors == []
+    api = HfApi()
+    api.create_repo("org/bert-dbl")
+    api.upload_folder(repo_id="org/bert-dbl", folder_path=ROOT / "bert" / "adapters" / "dbl")
+    pulled = zoo.pull("org/bert-dbl", allow_pickle=True)
     assert pulled.format == "adapterhub" and pulled.method.mh_adapter and pulled.source.repo_id == "org/bert-dbl"
     close(zoo.load(base("bert"), adapters=[pulled.name]), expected("bert"), "dbl")

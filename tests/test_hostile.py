@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import struct
 import tracemalloc
@@ -17,7 +16,7 @@ import pytest
 
 import zoo
 from tests.handmade import PREFIX, safetensors_bytes, write_adapter
-from tests.hubserver import HubServer
+from tests.hubserver import PLANTED_TOKEN
 from zoo.api import open_store
 from zoo.errors import ZooError
 from zoo.formats.safetensors_header import read_safetensors_header
@@ -25,7 +24,6 @@ from zoo.manifest import check_name, check_relative_path
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-TOKEN = "hf_PLANTED_" + secrets.token_hex(16)
 
 
 def one_line(code: int, out: str, err: str, expected: str) -> None:
@@ -147,14 +145,6 @@ def test_an_adapter_folder_link_leaving_the_store_is_refused(tmp_path):
 # --- the Hub: repo ids, revisions, a zoo.json that lies ------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    with HubServer(token=TOKEN) as hub_server:
-        hub_server.configure_client(monkeypatch, tmp_path / "hf-home")
-        yield hub_server
-    assert hub_server.errors == [], hub_server.errors[0]
-
-
 @pytest.mark.parametrize("ref, expected", [
     ("../evil", "invalid repo id"),
     ("org/../evil", "invalid repo id"),
@@ -172,7 +162,7 @@ def test_hostile_repo_ids_and_revisions(ref, expected, server, tmp_path, zoo_cli
     nothing_registered()
     assert not any(p.is_symlink() or p.is_file() for p in (tmp_path / "zoo-home").rglob("*")) if (tmp_path / "zoo-home").exists() else True
     code, out, err = zoo_cli("push", "nothing", ref)
-    assert code == 2 and err.startswith("error: ") and TOKEN not in err
+    assert code == 2 and err.startswith("error: ") and PLANTED_TOKEN not in err
 
 
 @pytest.mark.parametrize("path", ["../../outside.safetensors", "/etc/passwd", "sub/../../x", "a\x1bb"])

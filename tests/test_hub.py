@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,13 @@ import pytest
 import torch
 
 import zoo
-from tests.hubserver import HubServer
+from tests.hubserver import PLANTED_TOKEN, HubServer
 from tests.tiny import make_peft_adapter, peft_model, tiny_llama, token_ids
 from zoo import hub
 from zoo.errors import ZooError
 from zoo.formats.peft import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "hf_PLANTED_" + secrets.token_hex(16)
 BASE_ID = "test-org/tiny-llama"
 
 
@@ -51,15 +49,6 @@ def adapters(base, tmp_path_factory) -> list[Path]:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         folders.append(folder)
     return folders
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A server that requires TOKEN for writes and private repos; the in-process client points at it with TOKEN."""
-    with HubServer(token=TOKEN) as hub_server:
-        hub_server.configure_client(monkeypatch, tmp_path / "hf-home")
-        yield hub_server
-    assert hub_server.errors == [], hub_server.errors[0]
 
 
 def files_of(folder: Path, names=(CONFIG_NAME, SAFETENSORS_NAME)) -> dict[str, bytes]:
@@ -86,7 +75,7 @@ def one_line_error(code: int, out: str, err: str, expected: str) -> None:
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], err
-    assert "Traceback" not in out + err and TOKEN not in out + err
+    assert "Traceback" not in out + err and PLANTED_TOKEN not in out + err
 
 
 # --- pull ------------------------------------------------------------------------------------------------
@@ -257,7 +246,7 @@ def test_push_then_pull_round_trip_through_the_cli(server, adapters, isolated_zo
         env = {**clean, **server.client_env(tmp_path / "hf-cli"), "ZOO_HOME": str(home), "ZOO_REGISTRY": str(home / "registry.json")}
         run = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        assert TOKEN not in run.stdout + run.stderr
+        assert PLANTED_TOKEN not in run.stdout + run.stderr
         return (json.loads(run.stdout) if "--json" in args else None), run.stdout
 
     out, _ = cli(isolated_zoo / "zoo-home", "push", "sql", "org/sql-lora", "--json")
@@ -279,9 +268,9 @@ def test_push_then_pull_round_trip_through_the_cli(server, adapters, isolated_zo
     # the token: in no file the zoo or the client wrote, not in the card, and in no request but its Authorization header
     for root in (isolated_zoo / "zoo-home", puller, tmp_path / "hf-cli"):
         for p in root.rglob("*"):
-            assert not p.is_file() or TOKEN.encode() not in p.read_bytes(), p
+            assert not p.is_file() or PLANTED_TOKEN.encode() not in p.read_bytes(), p
     requests = server.requests
-    assert all(TOKEN not in r.path and not any(TOKEN in v for v in r.headers.values()) for r in requests)
+    assert all(PLANTED_TOKEN not in r.path and not any(PLANTED_TOKEN in v for v in r.headers.values()) for r in requests)
     assert all(r.authorized for r in requests if not r.path.startswith("/_lfs/"))  # the LFS href carries a ticket
 
 
@@ -359,15 +348,15 @@ def test_hub_errors_are_one_line_with_exit_2(server, adapters, zoo_cli):
 
 def test_auth_and_connection_errors(adapters, zoo_cli, tmp_path, monkeypatch):
     zoo.add(adapters[0], name="sql")
-    with HubServer(token=TOKEN, require_token_for_reads=True) as server:
+    with HubServer(token=PLANTED_TOKEN, require_token_for_reads=True) as server:
         server.commit("org/sql", files_of(adapters[0]))
         server.configure_client(monkeypatch, tmp_path / "hf-anon", token="")  # no token at all
         one_line_error(*zoo_cli("push", "sql", "org/new"), "authentication failed")
         one_line_error(*zoo_cli("pull", "org/sql"), "authentication failed")
-        server.configure_client(monkeypatch, tmp_path / "hf-wrong", token=TOKEN[:-4] + "beef")  # a wrong (planted) token
+        server.configure_client(monkeypatch, tmp_path / "hf-wrong", token=PLANTED_TOKEN[:-4] + "beef")  # a wrong (planted) token
         code, out, err = zoo_cli("pull", "org/sql")
         one_line_error(code, out, err, "authentication failed")
-        assert TOKEN[:-4] not in out + err and "HF_TOKEN" in err
+        assert PLANTED_TOKEN[:-4] not in out + err and "HF_TOKEN" in err
     assert zoo.list_adapters()[0].source.kind == "local" and len(zoo.list_adapters()) == 1
     with HubServer() as gone:  # a server never called: no pooled keep-alive connection outlives it
         gone.configure_client(monkeypatch, tmp_path / "hf-gone")

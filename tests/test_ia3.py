@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from compose.errors import CompositionError
 from compose.ia3.config import IA3Config, combine_ia3_configs
@@ -24,7 +22,14 @@ from compose.ia3.model import (
 from compose.lora.config import LoraConfig
 from compose.lora.model import attach_lora
 from compose.lora.state import new_lora_state
-from tests.tiny import peft_model, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from tests.tiny import (
+    peft_model,
+    read_peft_adapter,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unmerge result can be inaccurate")
 
@@ -52,14 +57,6 @@ def make_peft_ia3(base, out_dir, seed: int = 0, **kwargs) -> Path:
     return Path(out_dir)
 
 
-def read_ia3(adapter_dir: Path) -> tuple[IA3Config, dict[str, torch.Tensor]]:
-    """A saved PEFT IA3 adapter as the engine takes it."""
-    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
-    config = IA3Config(**{k: v for k, v in raw.items() if k in IA3Config.model_fields and k != "method" and v is not None})
-    state = load_file(adapter_dir / "adapter_model.safetensors")
-    return config, {k.removeprefix("base_model.model."): v for k, v in state.items()}
-
-
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -68,7 +65,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def with_ia3(base, *adapters: tuple[str, Path]):
     model = copy.deepcopy(base)
     for name, adapter_dir in adapters:
-        attach_ia3(model, name, *read_ia3(adapter_dir))
+        attach_ia3(model, name, *read_peft_adapter(adapter_dir, IA3Config))
     return model
 
 
@@ -115,7 +112,7 @@ def test_stacked_adapters_multiply_as_in_peft(tmp_path):
     torch.testing.assert_close(logits(model, ids), logits(peft_with(base, ("a", a), ("b", b)), ids), atol=1e-5, rtol=0)
     # written out: where both adapt a module, the vectors' product scales it
     v_proj = model.model.layers[0].self_attn.v_proj
-    la, lb = (read_ia3(d)[1]["model.layers.0.self_attn.v_proj.ia3_l"] for d in (a, b))
+    la, lb = (read_peft_adapter(d, IA3Config)[1]["model.layers.0.self_attn.v_proj.ia3_l"] for d in (a, b))
     torch.testing.assert_close(v_proj.scale(), (la * lb).flatten(), atol=0, rtol=0)
     x = torch.randn(3, 32)
     torch.testing.assert_close(v_proj(x), la.flatten() * lb.flatten() * v_proj.base_layer(x), atol=1e-6, rtol=0)
@@ -166,7 +163,7 @@ def test_detach_restores_the_model(tmp_path):
     base, ids = tiny_bert(), token_ids()
     model = copy.deepcopy(base)
     modules = dict(model.named_modules())
-    attach_ia3(model, "a", *read_ia3(make_peft_ia3(base, tmp_path / "a", **BERT)))
+    attach_ia3(model, "a", *read_peft_adapter(make_peft_ia3(base, tmp_path / "a", **BERT), IA3Config))
     merge_ia3(model)  # detach unmerges first
     assert detach_ia3(model) is model and attached_ia3(model) == []
     assert all(modules[p] is m for p, m in model.named_modules())  # the original objects, back in place
@@ -182,7 +179,7 @@ def test_weighted_sum_matches_peft_add_weighted_adapter(tmp_path):
     reference.base_model.add_weighted_adapter(["a", "b"], weights, "ab")
     reference.set_adapter("ab")
 
-    (config_a, state_a), (config_b, state_b) = read_ia3(a), read_ia3(b)
+    (config_a, state_a), (config_b, state_b) = read_peft_adapter(a, IA3Config), read_peft_adapter(b, IA3Config)
     state = combine_ia3([state_a, state_b], weights)
     assert state.keys() == state_a.keys() | state_b.keys()
     v, k = "model.layers.0.self_attn.v_proj.ia3_l", "model.layers.0.self_attn.k_proj.ia3_l"
@@ -201,7 +198,7 @@ def test_weighted_sum_matches_peft_add_weighted_adapter(tmp_path):
 
 def test_weighted_sum_refusals(tmp_path):
     base = tiny_bert()
-    _, state = read_ia3(make_peft_ia3(base, tmp_path / "a", **BERT))
+    _, state = read_peft_adapter(make_peft_ia3(base, tmp_path / "a", **BERT), IA3Config)
     vectors = {k: v for k, v in state.items() if k.endswith(".ia3_l")}
     with pytest.raises(CompositionError, match="tensor 'classifier.(weight|bias)' is not an IA3 vector"):
         combine_ia3([state, vectors], [0.5, 0.5])
@@ -215,7 +212,7 @@ def test_weighted_sum_refusals(tmp_path):
 
 
 def _llama_adapter(tmp_path) -> tuple[IA3Config, dict[str, torch.Tensor]]:
-    return read_ia3(make_peft_ia3(tiny_llama(), tmp_path / "a", **LLAMA))
+    return read_peft_adapter(make_peft_ia3(tiny_llama(), tmp_path / "a", **LLAMA), IA3Config)
 
 
 def _refused(model, name, config, state, match: str) -> None:
@@ -269,7 +266,7 @@ def test_conflicts_between_ia3_adapters_are_refused(tmp_path):
     unmerge_ia3(model)
 
     bert = tiny_bert()
-    bert_config, bert_state = read_ia3(make_peft_ia3(bert, tmp_path / "bert", **BERT))
+    bert_config, bert_state = read_peft_adapter(make_peft_ia3(bert, tmp_path / "bert", **BERT), IA3Config)
     attach_ia3(bert, "a", bert_config, bert_state)
     _refused(bert, "b", bert_config, bert_state, r"module 'classifier' \(modules_to_save\) is already replaced by IA3 adapter 'a'")
     with pytest.raises(CompositionError, match="'c' is not attached"):

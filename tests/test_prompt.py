@@ -21,7 +21,15 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import VOCAB, peft_model, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from tiny import (
+    VOCAB,
+    engine_config,
+    peft_model,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
 
 from compose.errors import CompositionError
 from compose.prompt.config import PromptConfig
@@ -73,12 +81,6 @@ def read_peft(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {k.removeprefix("base_model."): v for k, v in state.items()}
 
 
-def engine_config(cls, peft_config: dict, **overrides):
-    """`cls` built from the PEFT config's keys that it has (every key must validate)."""
-    values = {k: v for k, v in peft_config.items() if k in cls.model_fields and k != "method" and v is not None}
-    return cls(**values, **overrides)
-
-
 def inputs(family: str, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
     """Ids with a left-padded second row, token types, and labels fitting the family's head."""
     ids = token_ids(batch, length)
@@ -102,15 +104,29 @@ def greedy(forward, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> tuple[
     return ids, scores
 
 
-def assert_generate_matches(model, oracle, ids, mask, steps: int = 6) -> torch.Tensor:
-    """`model.generate` (greedy, cached) gives the oracle's tokens and step logits; returns the tokens."""
+def assert_generate_matches(model, oracle, base, batch: dict[str, torch.Tensor], steps: int = 6) -> None:
+    """`model.generate` (greedy) gives the oracle's tokens and step logits, with its cache and without, and
+    tokens other than `base` alone gives."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     model.generation_config.eos_token_id = None  # run every step on every row (the oracle has no stopping)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref_ids, ref_scores = greedy(oracle, ids, mask, steps)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ref_ids, ref_scores = greedy(oracle, ids, mask, steps)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=False)
+        plain = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False)
     assert torch.equal(out.sequences, ref_ids)
     for got, ref in zip(out.logits, ref_scores):
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-    return out.sequences
+    assert torch.equal(uncached, out.sequences)
+    assert not torch.equal(out.sequences, plain)
+
+
+def _attached(base, adapter_dir: Path) -> torch.nn.Module:
+    """A copy of `base` with the PEFT prompt adapter saved in `adapter_dir` attached by the engine as "p"."""
+    cfg, state = read_peft(adapter_dir)
+    model = copy.deepcopy(base)
+    attach_prompt(model, "p", engine_config(PromptConfig, cfg), state)
+    return model
 
 
 def word_tokenizer(out_dir: Path) -> Path:
@@ -172,9 +188,7 @@ def test_matches_peft(family, variant, tmp_path):
 def test_positional_and_embeds_calls(tmp_path):
     base = tiny_llama()
     save_peft(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), tmp_path)
-    cfg, state = read_peft(tmp_path)
-    model = copy.deepcopy(base)
-    attach_prompt(model, "p", engine_config(PromptConfig, cfg), state)
+    model = _attached(base, tmp_path)
     ids = token_ids()
     with torch.no_grad():
         ref = peft_model(base, tmp_path)(input_ids=ids).logits
@@ -187,16 +201,7 @@ def test_positional_and_embeds_calls(tmp_path):
 def test_generate_matches_peft_forward(family, variant, tmp_path):
     base = varied(FAMILIES[family][0]())
     live = save_peft(base, peft_prompt_config(variant, "CAUSAL_LM", tmp_path, num_virtual_tokens=3), tmp_path / "adapter")
-    cfg, state = read_peft(tmp_path / "adapter")
-    model = copy.deepcopy(base)
-    attach_prompt(model, "p", engine_config(PromptConfig, cfg), state)
-    batch = inputs(family)
-    with torch.no_grad():
-        tokens = assert_generate_matches(model, live, batch["input_ids"], batch["attention_mask"])
-        uncached = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6, do_sample=False, use_cache=False)
-        plain = base.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6, do_sample=False)
-    assert torch.equal(uncached, tokens)
-    assert not torch.equal(tokens, plain)
+    assert_generate_matches(_attached(base, tmp_path / "adapter"), live, base, inputs(family))
 
 
 # ---- stacking ----
@@ -269,10 +274,7 @@ def test_detach_restores_the_model(family, tmp_path):
 def _attached_llama(tmp_path):
     base = tiny_llama()
     save_peft(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path)
-    cfg, state = read_peft(tmp_path)
-    model = copy.deepcopy(base)
-    attach_prompt(model, "p", engine_config(PromptConfig, cfg), state)
-    return model, state
+    return _attached(base, tmp_path), read_peft(tmp_path)[1]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ Hub repairs go through the real `huggingface_hub` client against tests/hubserver
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import pytest
 
 import zoo
 from tests.handmade import write_adapter
-from tests.hubserver import HubServer
+from tests.hubserver import PLANTED_TOKEN, HubServer
 from zoo.api import open_store, register
 from zoo.errors import ZooError
 from zoo.manifest import CompositionManifest, FileEntry, MemberRef, SizeInfo, Source
 from zoo.repair import repair
 from zoo.store import sha256_file
 
-TOKEN = "hf_PLANTED_" + secrets.token_hex(16)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
@@ -154,14 +152,6 @@ def test_computed_fusion_weights_cannot_be_repaired(tmp_path, zoo_cli):
 # --- Hub sources --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    with HubServer(token=TOKEN) as hub_server:
-        hub_server.configure_client(monkeypatch, tmp_path / "hf-home")
-        yield hub_server
-    assert hub_server.errors == [], hub_server.errors[0]
-
-
 def files_of(folder: Path) -> dict[str, bytes]:
     return {n: (folder / n).read_bytes() for n in (CONFIG, WEIGHTS)}
 
@@ -193,7 +183,7 @@ def test_a_hub_file_that_does_not_match_is_refused(server, tmp_path, zoo_cli):
     server.corrupt("org/sql", WEIGHTS, rev=sha)
     code, _, err = zoo_cli("verify", "--repair")
     one_line_error(code, err, f"sql@1: {WEIGHTS} cannot be repaired: org/sql@{sha[:12]} now has sha256")
-    assert not blob(m.file(WEIGHTS)).exists() and TOKEN not in err
+    assert not blob(m.file(WEIGHTS)).exists() and PLANTED_TOKEN not in err
 
 
 def test_a_hub_repo_that_is_gone_is_one_line(server, tmp_path):

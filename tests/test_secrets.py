@@ -19,10 +19,9 @@ import pytest
 
 import zoo
 from tests.handmade import write_adapter
-from tests.hubserver import HubServer
+from tests.hubserver import PLANTED_TOKEN, HubServer
 from zoo.errors import ZooError
 
-TOKEN = "hf_PLANTED_" + secrets.token_hex(16)
 WRONG = "hf_WRONG_" + secrets.token_hex(16)
 BASE = "org/tiny-base"
 
@@ -73,8 +72,8 @@ def test_a_planted_token_appears_nowhere(tmp_path, monkeypatch, zoo_cli, capture
         zoo.add(folder, name=name, task="demo")
 
     hf_home = tmp_path / "hf-home"
-    with HubServer(token=TOKEN) as server:
-        server.configure_client(monkeypatch, hf_home)  # HF_TOKEN=TOKEN
+    with HubServer(token=PLANTED_TOKEN) as server:
+        server.configure_client(monkeypatch, hf_home)  # HF_TOKEN=PLANTED_TOKEN
         cli(0, "push", "sql", "org/sql", "--private")
         cli(0, "push", "sql", "org/sql", "--branch", "dev")
         cli(0, "pull", "org/sql", "--name", "sql-copy")
@@ -94,13 +93,13 @@ def test_a_planted_token_appears_nowhere(tmp_path, monkeypatch, zoo_cli, capture
         api_error(zoo.search, BASE)  # a private repo's listing needs the token; a wrong one is a 401
 
         monkeypatch.delenv("HF_TOKEN")  # the token only in the file `hf auth login` writes
-        (hf_home / "token").write_text(TOKEN)
+        (hf_home / "token").write_text(PLANTED_TOKEN)
         cli(0, "push", "chat", "org/chat")
         cli(0, "pull", "org/chat", "--name", "chat-copy")
         requests = server.requests
         stored = [b.data for repo in server.repos.values() for c in repo.commits.values() for b in c.tree.values()]
         stored += list(server.lfs_objects.values())
-    with HubServer(token=TOKEN) as gone:  # a server that is gone (never called: no pooled connection outlives it)
+    with HubServer(token=PLANTED_TOKEN) as gone:  # a server that is gone (never called: no pooled connection outlives it)
         gone.configure_client(monkeypatch, hf_home)
     assert "cannot reach" in cli(2, "pull", "org/chat@main")
     api_error(zoo.pull, "org/sql@dev")  # (not search: the client retries listings for 24 s before it gives up)
@@ -110,7 +109,7 @@ def test_a_planted_token_appears_nowhere(tmp_path, monkeypatch, zoo_cli, capture
     assert any(r.status == 401 for r in requests)
     logs = captured_logs.getvalue()
     assert "org/sql" in logs  # the client's own records were captured
-    for secret in (TOKEN, WRONG):
+    for secret in (PLANTED_TOKEN, WRONG):
         for text in texts + [logs]:
             assert secret not in text, text
         assert not any(secret.encode() in data for data in stored)  # cards, zoo.json, weights on the Hub
@@ -118,4 +117,4 @@ def test_a_planted_token_appears_nowhere(tmp_path, monkeypatch, zoo_cli, capture
         for path in tmp_path.rglob("*"):  # registry, manifests, store, adapter folders, the client's cache
             if path.is_file() and path != hf_home / "token":
                 assert secret.encode() not in path.read_bytes(), path
-    assert Path(hf_home / "token").read_text() == TOKEN  # the one place it belongs, untouched
+    assert Path(hf_home / "token").read_text() == PLANTED_TOKEN  # the one place it belongs, untouched

@@ -3,12 +3,14 @@
 PEFT is the oracle: `make_peft_adapter` trains nothing but saves an adapter whose every tensor
 matters (`init_lora_weights=False` so B ≠ 0; DoRA magnitudes and `modules_to_save` copies are
 perturbed so they differ from what the base alone would give), `load_adapter` reads it back the way
-the engine takes it, and `peft_model` loads it with `PeftModel.from_pretrained` for comparison.
+the engine takes it (`read_peft_adapter` any method's, into that method's engine config), and `peft_model`
+loads it with `PeftModel.from_pretrained` for comparison.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -89,6 +91,22 @@ def load_adapter(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.T
 
     config, _ = peft_format.config_from_peft(peft_format.read_json_config(Path(adapter_dir) / peft_format.CONFIG_NAME))
     return config, peft_format.strip_prefix(peft_format.load_state(Path(adapter_dir) / peft_format.SAFETENSORS_NAME))
+
+
+def engine_config(cls, peft_config: dict, **overrides):
+    """Engine config `cls` from the keys of a PEFT adapter_config.json that it has (every one must validate)."""
+    values = {k: v for k, v in peft_config.items() if k in cls.model_fields and k != "method" and v is not None}
+    return cls(**values, **overrides)
+
+
+def read_peft_adapter(adapter_dir: str | Path, cls) -> tuple[object, dict[str, torch.Tensor]]:
+    """A saved PEFT adapter as the engine takes it: config `cls` from its adapter_config.json (`engine_config`),
+    and its tensors keyed relative to the model (no `base_model.model.`)."""
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    state = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    return engine_config(cls, raw), {k.removeprefix("base_model.model."): v for k, v in state.items()}
 
 
 def peft_model(base: nn.Module, adapter_dir: str | Path, name: str = "default") -> nn.Module:

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from compose.errors import CompositionError
-from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.prefix.config import PrefixConfig
 from compose.prompt.model import (
     PROMPT_KEY,
-    cache_kwarg,
     call_kwargs,
+    check_attachable,
+    detach_adapters,
     extend_mask,
     get_cache,
-    is_causal_lm,
+    install_registry,
     split_state,
 )
 
@@ -84,15 +84,11 @@ def attach_prefix(model: nn.Module, name: str, config: PrefixConfig, state: dict
             the layout disagrees with the prefixes already attached or with the model's attention; prompt
             adapters are attached.
     """
-    registry = getattr(model, "_compose_prefix", None)
-    if registry is not None and name in registry["prefixes"]:
-        raise CompositionError(f"prefix '{name}' is already attached; detach_prefix(model, '{name}') first or choose another name")
-    if getattr(model, "_compose_prompt", None) is not None:
-        raise CompositionError(f"cannot attach prefix '{name}' while prompt adapters are attached (one prompt-learning method at a time, as in PEFT); detach_prompt first")
+    attached = check_attachable(model, name, "prefix")
     _, heads = split_state(name, state)
     kv = prefix_key_values(config, state)
     layout = _layout(config)
-    for other, (other_config, _) in (registry or {"prefixes": {}})["prefixes"].items():
+    for other, (other_config, _) in attached.items():
         if _layout(other_config) != layout:
             raise CompositionError(f"prefix '{name}' has layout {layout} but attached prefix '{other}' has {_layout(other_config)}; stacked prefixes must share layers, heads, head size and position_offset")
     expected = _model_layout(model)
@@ -101,12 +97,7 @@ def attach_prefix(model: nn.Module, name: str, config: PrefixConfig, state: dict
             f"prefix '{name}' has (num_layers, num_attention_heads, head_dim) = {layout[:3]} but {type(model).__name__} "
             f"has {expected} (KV heads under GQA); the adapter was trained for a different model"
         )
-    kwarg = cache_kwarg(model)
-    attach_heads(model, name, "prefix", prepare_heads(model, name, "prefix", heads))
-
-    if registry is None:
-        registry = model._compose_prefix = {"prefixes": {}, "cache": kwarg, "causal": is_causal_lm(model)}
-        registry["hook"] = model.register_forward_pre_hook(_inject_prefix, with_kwargs=True)
+    registry = install_registry(model, name, "prefix", heads, _inject_prefix)
     device = next(model.parameters()).device
     registry["prefixes"][name] = (config, [(k.detach().to(device), v.detach().to(device)) for k, v in kv])
     _concatenate(registry)
@@ -120,20 +111,7 @@ def detach_prefix(model: nn.Module, name: str | None = None) -> nn.Module:
     Raises:
         [`CompositionError`]: `name` is not attached.
     """
-    registry = getattr(model, "_compose_prefix", None)
-    attached = list(registry["prefixes"]) if registry is not None else []
-    if name is not None and name not in attached:
-        raise CompositionError(f"prefix '{name}' is not attached; attached prefixes: {attached}")
-    names = attached if name is None else [name]
-    for n in names:
-        del registry["prefixes"][n]
-    detach_heads(model, names, "prefix")
-    if attached and not registry["prefixes"]:
-        registry["hook"].remove()
-        del model._compose_prefix
-    elif attached:
-        _concatenate(registry)
-    return model
+    return detach_adapters(model, name, "prefix", _concatenate)
 
 
 def _concatenate(registry: dict) -> None:

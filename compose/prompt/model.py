@@ -21,6 +21,7 @@ A PEFT classifier adapter also saves the trained head (`classifier.weight`, ...:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,31 +53,22 @@ def attach_prompt(model: nn.Module, name: str, config: PromptConfig, state: dict
         [`CompositionError`]: `name` is taken; the tensor is missing or its shape disagrees with the config, with
             the prompts already attached or with the model's embedding width; prefix adapters are attached.
     """
-    registry = getattr(model, "_compose_prompt", None)
-    if registry is not None and name in registry["prompts"]:
-        raise CompositionError(f"prompt '{name}' is already attached; detach_prompt(model, '{name}') first or choose another name")
-    if getattr(model, "_compose_prefix", None) is not None:
-        raise CompositionError(f"cannot attach prompt '{name}' while prefix adapters are attached (one prompt-learning method at a time, as in PEFT); detach_prefix first")
+    attached = check_attachable(model, name, "prompt")
     if config.num_transformer_submodules != 1:
         raise CompositionError(f"prompt '{name}' has num_transformer_submodules={config.num_transformer_submodules} (an encoder-decoder prompt); only decoder-only and encoder-only models are supported")
     prompt, heads = split_state(name, state)
     expected = (config.num_virtual_tokens, config.token_dim)
     if tuple(prompt.shape) != expected:
         raise CompositionError(f"prompt '{name}': {PROMPT_KEY} has shape {tuple(prompt.shape)}, expected (num_virtual_tokens, token_dim) = {expected}; fix the adapter config")
-    for other, p in (registry or {"prompts": {}})["prompts"].items():
+    for other, p in attached.items():
         if p.shape[1] != config.token_dim:
             raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but attached prompt '{other}' has {p.shape[1]}; stacked prompts must share a width")
     embeddings = model.get_input_embeddings()
     if embeddings.embedding_dim != config.token_dim:
         raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but {type(model).__name__}'s input embeddings are {embeddings.embedding_dim} wide; the adapter was trained for a different model")
-    kwarg = cache_kwarg(model)
-    attach_heads(model, name, "prompt", prepare_heads(model, name, "prompt", heads))
-
-    if registry is None:
-        registry = model._compose_prompt = {"prompts": {}, "cache": kwarg, "causal": is_causal_lm(model)}
-        registry["hook"] = model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+    registry = install_registry(model, name, "prompt", heads, _prepend_prompt)
     registry["prompts"][name] = prompt.detach().to(embeddings.weight.device)
-    registry["prompt"] = torch.cat(list(registry["prompts"].values()))
+    _concatenate(registry)
 
 
 def detach_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -87,20 +79,12 @@ def detach_prompt(model: nn.Module, name: str | None = None) -> nn.Module:
     Raises:
         [`CompositionError`]: `name` is not attached.
     """
-    registry = getattr(model, "_compose_prompt", None)
-    attached = list(registry["prompts"]) if registry is not None else []
-    if name is not None and name not in attached:
-        raise CompositionError(f"prompt '{name}' is not attached; attached prompts: {attached}")
-    names = attached if name is None else [name]
-    for n in names:
-        del registry["prompts"][n]
-    detach_heads(model, names, "prompt")
-    if attached and not registry["prompts"]:
-        registry["hook"].remove()
-        del model._compose_prompt
-    elif attached:
-        registry["prompt"] = torch.cat(list(registry["prompts"].values()))
-    return model
+    return detach_adapters(model, name, "prompt", _concatenate)
+
+
+def _concatenate(registry: dict) -> None:
+    """The stack's prompt: every attached prompt along the token axis, in attach order."""
+    registry["prompt"] = torch.cat(list(registry["prompts"].values()))
 
 
 def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -131,7 +115,56 @@ def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     return (), kwargs
 
 
-# Shared with compose.prefix: how the hooks read and rewrite a transformers forward call.
+# Shared with compose.prefix: one prompt-learning method at a time, its adapters kept by name in
+# `model._compose_<method>` with the forward pre-hook that runs them; how the hooks read and rewrite a call.
+
+_PLURAL = {"prompt": "prompts", "prefix": "prefixes"}
+
+
+def check_attachable(model: nn.Module, name: str, method: str) -> dict:
+    """The `method` ("prompt" or "prefix") adapters attached to `model` by name (empty if none), after refusing
+    `name` if one of them has it or if adapters of the other method are attached."""
+    other = "prefix" if method == "prompt" else "prompt"
+    registry = getattr(model, f"_compose_{method}", None)
+    attached = registry[_PLURAL[method]] if registry is not None else {}
+    if name in attached:
+        raise CompositionError(f"{method} '{name}' is already attached; detach_{method}(model, '{name}') first or choose another name")
+    if getattr(model, f"_compose_{other}", None) is not None:
+        raise CompositionError(f"cannot attach {method} '{name}' while {other} adapters are attached (one prompt-learning method at a time, as in PEFT); detach_{other} first")
+    return attached
+
+
+def install_registry(model: nn.Module, name: str, method: str, heads: dict[str, torch.Tensor], hook: Callable) -> dict:
+    """Put adapter `name`'s trained heads on `model` and return its registry of `method` adapters, made (with the
+    forward pre-hook `hook`) on the first attach. Refuses a model without a KV cache, or bad heads, untouched."""
+    kwarg = cache_kwarg(model)
+    attach_heads(model, name, method, prepare_heads(model, name, method, heads))
+    registry = getattr(model, f"_compose_{method}", None)
+    if registry is None:
+        registry = {_PLURAL[method]: {}, "cache": kwarg, "causal": is_causal_lm(model)}
+        registry["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
+        setattr(model, f"_compose_{method}", registry)
+    return registry
+
+
+def detach_adapters(model: nn.Module, name: str | None, method: str, restack: Callable[[dict], None]) -> nn.Module:
+    """Take `method` adapter `name` (None: all) off `model`; `restack(registry)` rebuilds what the hook runs from
+    the ones left. With none left the hook and the registry go."""
+    plural = _PLURAL[method]
+    registry = getattr(model, f"_compose_{method}", None)
+    attached = list(registry[plural]) if registry is not None else []
+    if name is not None and name not in attached:
+        raise CompositionError(f"{method} '{name}' is not attached; attached {plural}: {attached}")
+    names = attached if name is None else [name]
+    for n in names:
+        del registry[plural][n]
+    detach_heads(model, names, method)
+    if attached and not registry[plural]:
+        registry["hook"].remove()
+        delattr(model, f"_compose_{method}")
+    elif attached:
+        restack(registry)
+    return model
 
 
 def split_state(name: str, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
