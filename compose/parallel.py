@@ -137,8 +137,7 @@ def _repeat(obj, batch: int, tasks: int):
 def _begin_tasks(state: dict, batch: int) -> None:
     """From here on rows are task-major copies: row t·B + b runs task t's adapter (mixed slot t + 1; slot 0 is the base)."""
     state["batch"] = batch
-    tasks = torch.arange(len(state["names"])).repeat_interleave(batch)
-    state["rows"].slots = tasks + 1
+    state["rows"].set(torch.arange(len(state["names"])).repeat_interleave(batch), len(state["names"]))
 
 
 def _copy_inputs(state: dict, first: bool):
@@ -182,7 +181,7 @@ def _finish(state: dict):
         return obj
 
     def hook(module, args, output):
-        state["rows"].slots = None
+        state["rows"].clear()
         batch, state["batch"] = state["batch"], None
         if batch is None:  # the forward raised before layer k (always_call); nothing to reshape
             return output
