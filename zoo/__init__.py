@@ -9,9 +9,10 @@ from zoo.errors import ZooError
 from zoo.hub import pull, push, search
 from zoo.loading import detach, load, unmerge
 from zoo.merge import merge_adapters as merge
+from zoo.repair import repair
 
 __all__ = [
-    "ZooError", "add", "compose", "detach", "list_adapters", "load", "merge", "pull", "push", "remove", "schema",
-    "search", "show", "unmerge", "verify",
+    "ZooError", "add", "compose", "detach", "list_adapters", "load", "merge", "pull", "push", "remove", "repair",
+    "schema", "search", "show", "unmerge", "verify",
 ]
 __version__ = "0.1.0"
