@@ -7,7 +7,6 @@ and, given `--json PATH`, saves the same tables there for `plots.py` and `report
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -190,33 +189,14 @@ def bert(hidden: int = 768, layers: int = 12, seq: int = 128):
 
 
 def same_adapters(base, specs: dict[str, dict], with_peft: bool = True):
-    """(ours, peft): deep copies of `base` carrying the same LoRA adapters `specs` ({name: peft.LoraConfig kwargs},
-    random A and B), attached by `compose.lora.model.attach_lora` and by PEFT; PEFT's is None without `with_peft`.
+    """(ours, peft): `tests/tiny.same_lora_adapters` — deep copies of `base` with the same LoRA adapters `specs`
+    ({name: peft.LoraConfig kwargs}, random A and B), ours all active, in eval mode; PEFT's None without `with_peft`."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import same_lora_adapters
 
-    Both come back in eval mode with every adapter attached and, in ours, all active (set them as needed).
-    """
-    import peft
-    import torch
-
-    from compose.lora.config import LoraConfig
-    from compose.lora.model import attach_lora
-
-    torch.manual_seed(0)
-    ref = None
-    for name, spec in specs.items():
-        config = peft.LoraConfig(init_lora_weights=False, **spec)
-        if ref is None:
-            ref = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
-        else:
-            ref.add_adapter(name, config)
-    ours = copy.deepcopy(base)
-    for name, spec in specs.items():
-        state = peft.get_peft_model_state_dict(ref, adapter_name=name)
-        attach_lora(ours, name, LoraConfig(**spec), {k.removeprefix("base_model.model."): v for k, v in state.items()})
-    if not with_peft:
-        del ref
-        return ours.eval(), None
-    return ours.eval(), ref.eval()
+    ours, ref = same_lora_adapters(base, specs)
+    return (ours, ref) if with_peft else (ours, None)
 
 
 def one_layer(width: int):

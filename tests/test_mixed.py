@@ -9,12 +9,10 @@ really move the rows.
 
 from __future__ import annotations
 
-import copy
 
-import peft
 import pytest
 import torch
-from tiny import tiny_gpt2, tiny_llama, token_ids
+from tiny import same_lora_adapters, tiny_gpt2, tiny_llama, token_ids
 
 from compose.drop import set_drop
 from compose.errors import CompositionError
@@ -43,23 +41,6 @@ GPT2 = {
 IDS = [0, -1, 2, 1, 0, 2, 1]  # rows of every adapter and of the base model, in no order
 
 
-def ours_and_peft(base: torch.nn.Module, specs: dict[str, dict]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A PEFT model holding the adapters `specs` (random A, B and β), and our copy of `base` with the same ones attached."""
-    torch.manual_seed(0)
-    ref = None
-    for name, spec in specs.items():
-        config = peft.LoraConfig(init_lora_weights=False, **spec)
-        if ref is None:
-            ref = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
-        else:
-            ref.add_adapter(name, config)
-    ours = copy.deepcopy(base)
-    for name, spec in specs.items():
-        state = peft.get_peft_model_state_dict(ref, adapter_name=name)
-        attach_lora(ours, name, LoraConfig(**spec), {k.removeprefix("base_model.model."): v for k, v in state.items()})
-    return ours, ref.eval()
-
-
 @torch.no_grad()
 def alone(model: torch.nn.Module, names: list[str], ids: list[int], x: torch.Tensor) -> torch.Tensor:
     """Each row run on its own with only its adapter active (none for −1), stacked back into a batch."""
@@ -74,7 +55,7 @@ def alone(model: torch.nn.Module, names: list[str], ids: list[int], x: torch.Ten
 @pytest.mark.parametrize("arch", ["llama", "gpt2-conv1d"])
 def test_each_row_equals_its_adapter_alone_and_peft(arch, tokens):
     base, specs = (tiny_llama(), LLAMA) if arch == "llama" else (tiny_gpt2(), GPT2)
-    ours, ref = ours_and_peft(base, specs)
+    ours, ref = same_lora_adapters(base, specs)
     names = list(specs)
     enable_mixed(ours, names)
     assert mixed_adapters(ours) == names
@@ -98,7 +79,7 @@ def test_each_row_equals_its_adapter_alone_and_peft(arch, tokens):
 @pytest.mark.parametrize("search", ["greedy", "beams"])
 def test_generate_keeps_each_rows_adapter_across_cached_steps(search):
     base = tiny_llama()
-    ours, ref = ours_and_peft(base, LLAMA)
+    ours, ref = same_lora_adapters(base, LLAMA)
     names = list(LLAMA)
     enable_mixed(ours, names)
     ids = [2, -1, 0, 1]
@@ -129,7 +110,7 @@ def test_generate_keeps_each_rows_adapter_across_cached_steps(search):
 
 
 def test_with_adapter_drop():
-    ours, _ = ours_and_peft(tiny_llama(), LLAMA)
+    ours, _ = same_lora_adapters(tiny_llama(), LLAMA)
     names = list(LLAMA)
     enable_mixed(ours, names)
     x = token_ids(len(IDS), 6)
@@ -140,7 +121,7 @@ def test_with_adapter_drop():
 
 def test_half_precision_base_and_stacks_follow_the_model():
     base = tiny_llama().to(torch.bfloat16)
-    ours, _ = ours_and_peft(base, LLAMA)  # adapters in fp32 over the bf16 base, as PEFT keeps them
+    ours, _ = same_lora_adapters(base, LLAMA)  # adapters in fp32 over the bf16 base, as PEFT keeps them
     names = list(LLAMA)
     enable_mixed(ours, names)
     x = token_ids(len(IDS), 6)
@@ -157,7 +138,7 @@ def test_half_precision_base_and_stacks_follow_the_model():
 
 def test_calls_without_ids_are_unchanged_and_disable_undoes_everything():
     base = tiny_llama()
-    ours, _ = ours_and_peft(base, LLAMA)
+    ours, _ = same_lora_adapters(base, LLAMA)
     x = token_ids(3, 5)
     with torch.no_grad():
         before = ours(x).logits

@@ -114,3 +114,26 @@ def peft_model(base: nn.Module, adapter_dir: str | Path, name: str = "default") 
     import peft
 
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir), adapter_name=name).eval()
+
+
+def same_lora_adapters(base: nn.Module, specs: dict[str, dict]) -> tuple[nn.Module, nn.Module]:
+    """(ours, peft): deep copies of `base` carrying the same LoRA adapters `specs` ({name: peft.LoraConfig kwargs},
+    random A, B and β), attached by `compose.lora.model.attach_lora` and by PEFT; both in eval mode, every
+    adapter attached (in ours all active, in PEFT the first)."""
+    import peft
+
+    from compose.lora.model import attach_lora
+
+    torch.manual_seed(0)
+    ref = None
+    for name, spec in specs.items():
+        config = peft.LoraConfig(init_lora_weights=False, **spec)
+        if ref is None:
+            ref = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            ref.add_adapter(name, config)
+    ours = copy.deepcopy(base)
+    for name, spec in specs.items():
+        state = peft.get_peft_model_state_dict(ref, adapter_name=name)
+        attach_lora(ours, name, LoraConfig(**spec), {k.removeprefix("base_model.model."): v for k, v in state.items()})
+    return ours.eval(), ref.eval()
