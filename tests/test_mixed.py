@@ -20,7 +20,7 @@ from compose.fusion.config import FusionConfig
 from compose.fusion.model import attach_fusion
 from compose.lora.config import LoraConfig
 from compose.lora.layer import LoraLayer
-from compose.lora.mixed import dense_path, disable_mixed, enable_mixed, mixed_adapters
+from compose.lora.mixed import disable_mixed, enable_mixed, grouped_path, mixed_adapters
 from compose.lora.model import attach_lora, detach_lora, set_active_adapters
 from compose.lora.state import new_lora_state
 
@@ -51,24 +51,32 @@ def alone(model: torch.nn.Module, names: list[str], ids: list[int], x: torch.Ten
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("tokens", [1, 9, 12], ids=lambda t: f"{t}-tokens-{'dense' if dense_path(t, 3) else 'gathered'}")
+#: every adapter twice and a base row (the grid of rows per adapter is full); lopsided (the grid is padded); no adapter at all
+ROWS = {"even": IDS, "lopsided": [0, 0, -1, 2, 0, 1, 0], "base-only": [-1, -1, -1]}
+
+
+@pytest.mark.parametrize("rows", list(ROWS))
+@pytest.mark.parametrize("tokens", [1, 8, 9], ids=lambda t: f"{t}-tokens-{'grouped' if grouped_path(t) else 'gathered'}")
 @pytest.mark.parametrize("arch", ["llama", "gpt2-conv1d"])
-def test_each_row_equals_its_adapter_alone_and_peft(arch, tokens):
+def test_each_row_equals_its_adapter_alone_and_peft(arch, tokens, rows):
     base, specs = (tiny_llama(), LLAMA) if arch == "llama" else (tiny_gpt2(), GPT2)
     ours, ref = same_lora_adapters(base, specs)
     names = list(specs)
     enable_mixed(ours, names)
     assert mixed_adapters(ours) == names
-    assert [dense_path(t, len(names)) for t in (1, 9, 12)] == [True, True, False]  # both ways to the sum are checked
-    x = token_ids(len(IDS), tokens)
+    assert [grouped_path(t) for t in (1, 8, 9)] == [True, True, False]  # both ways to the sum are checked
+    ids = ROWS[rows]
+    x = token_ids(len(ids), tokens)
     with torch.no_grad():
-        mixed = ours(x, adapter_ids=torch.tensor(IDS)).logits
-        peft_mixed = ref(x, adapter_names=["__base__" if k < 0 else names[k] for k in IDS]).logits
+        mixed = ours(x, adapter_ids=torch.tensor(ids)).logits
+        peft_mixed = ref(x, adapter_names=["__base__" if k < 0 else names[k] for k in ids]).logits
         plain = base(x).logits
-    torch.testing.assert_close(mixed, alone(ours, names, IDS, x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(mixed, alone(ours, names, ids, x), atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed, peft_mixed, atol=ATOL, rtol=0)
     moved = (mixed - plain).abs().amax((1, 2))
-    assert all((moved[i] > 100 * ATOL) == (k >= 0) for i, k in enumerate(IDS)), moved  # −1 rows are the base, others are not
+    assert all((moved[i] > 100 * ATOL) == (k >= 0) for i, k in enumerate(ids)), moved  # −1 rows are the base, others are not
+    if rows != "even":
+        return
     # ids as a list work too, and a call without them runs the active adapters for every row
     set_active_adapters(ours, ["b"])
     with torch.no_grad():

@@ -16,12 +16,13 @@ gathered batched product, with k = ids + 1:
 This is the same sum as the single-adapter forward, so row i equals row i run alone with only its
 adapter active. Gathering each row's Aᵀ and Bᵀ copies (in + out)·r numbers per row, which a long row
 (prefill) amortises over its tokens but a decode step (one token per row) does not. So when a call has
-few tokens per row (tokens × adapters ≤ `DENSE_MAX`), the layer runs every adapter on every row as two
-plain matmuls over the adapters side by side, and zeroes the shares of the other adapters in between:
+few tokens per row (≤ `GROUPED_MAX_TOKENS`), the layer groups the rows instead (once per call, shared by
+every layer): rows sorted by adapter into a grid of m rows per adapter (m: the most rows any adapter
+has; the rest of the grid zero), then one batched product over the adapters, with no weight copied:
 
-    y_i += (x_i · [A₁ᵀ … A_Nᵀ] ⊙ m_i) · [B₁ᵀ; …; B_Nᵀ] + β[k_i],    m_i = 1 on adapter k_i's r columns
+    Y[j] = X[j] · Aᵀ[j+1] · Bᵀ[j+1] + β[j+1],    X[j]: the rows of adapter j,    y_i += Y at row i's place
 
-N times the (small) LoRA FLOPs and no weight copy; the same sum, as the other shares are exact zeros. The stacks are a snapshot (they follow `model.to()`, but not later changes to the adapter
+The stacks are a snapshot (they follow `model.to()`, but not later changes to the adapter
 weights: call `enable_mixed` again after those).
 """
 
@@ -38,15 +39,15 @@ from compose.lora.layer import LoraLayer, SavedModule
 from compose.lora.model import attached_adapters
 
 
-#: Calls with at most this many tokens per row × adapters run every adapter on every row (see above): at
-#: one token per row 2–3× faster than the gathered product, equal around 4 tokens × 8 adapters, slower for
-#: long rows (benchmarks/bench_mixed.py, hidden 512–2048, r = 16, CPU).
-DENSE_MAX = 32
+#: Calls with at most this many tokens per row group the rows by adapter (see above): at one token per row
+#: 2× faster than the gathered product, about equal at 16 tokens, slower for longer rows
+#: (8 adapters, batch 32, hidden 512–2048, r = 16, CPU).
+GROUPED_MAX_TOKENS = 8
 
 
-def dense_path(tokens_per_row: int, adapters: int) -> bool:
-    """Whether a mixed call with these sizes runs every adapter on every row (masked) instead of gathering."""
-    return tokens_per_row * adapters <= DENSE_MAX
+def grouped_path(tokens_per_row: int) -> bool:
+    """Whether a mixed call with this many tokens per row groups rows by adapter instead of gathering weights."""
+    return tokens_per_row <= GROUPED_MAX_TOKENS
 
 
 class _Rows:
@@ -64,10 +65,21 @@ class _Rows:
     def slots_on(self, device: torch.device) -> torch.Tensor:
         return self._once(("slots", device), lambda: self.slots.to(device))
 
-    def mask(self, like: torch.Tensor) -> torch.Tensor:
-        """(rows, 1, N, 1) in `like`'s dtype: 1 where the row runs that adapter (all 0 for a base row)."""
-        return self._once(("mask", like.dtype, like.device), lambda: (
-            self.slots_on(like.device).unsqueeze(1) == torch.arange(1, self.adapters + 1, device=like.device)).to(like.dtype)[:, None, :, None])
+    def groups(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(rows, places, m): the rows that run an adapter, sorted by adapter; their places in a grid of m rows
+        per adapter (adapter j's rows at j·m, j·m + 1, ...); m, the most rows any adapter has (0: none does)."""
+
+        def make():
+            slots = self.slots_on(device)
+            counts = torch.bincount(slots, minlength=self.adapters + 1)
+            m = int(counts[1:].max())  # the grid's size: one host sync per call, not per layer
+            order = torch.argsort(slots, stable=True)
+            sorted_slots = slots[order]
+            within = torch.arange(len(slots), device=device) - (torch.cumsum(counts, 0) - counts)[sorted_slots]
+            keep = sorted_slots > 0  # base rows (slot 0) take no adapter work
+            return order[keep], ((sorted_slots - 1) * m + within)[keep], m
+
+        return self._once(("groups", device), make)
 
     def _once(self, key: tuple, make):
         """What `make()` returns, made once per call: every layer of the model reads the same."""
@@ -84,10 +96,6 @@ class MixedStack(nn.Module):
         self.register_buffer("At", At, persistent=False)  # None on a layer that no mixed adapter targets
         self.register_buffer("Bt", Bt, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        # the same adapters side by side for the dense path: [A₁ᵀ … A_Nᵀ] (in, N·r), [B₁ᵀ; …; B_Nᵀ] (N·r, out)
-        side = None if At is None else (At[1:].permute(1, 0, 2).flatten(1).contiguous(), Bt[1:].flatten(0, 1).contiguous())
-        self.register_buffer("A_side", None if side is None else side[0], persistent=False)
-        self.register_buffer("B_side", None if side is None else side[1], persistent=False)
         self.path, self.rows = path, rows
 
     def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -99,25 +107,34 @@ class MixedStack(nn.Module):
             raise CompositionError(f"adapter_ids has {slots.shape[0]} entries but LoRA layer '{self.path}' got {x.shape[0]} rows; mixed batches need the batch as the inputs' first dimension")
         if layer.skip or self.At is None:  # AdapterDrop, or no mixed adapter here: the base alone for every row
             return result
-        slots = self.rows.slots_on(self.At.device)
         xs = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (b, s, in)
         (b, s), n = xs.shape[:2], self.At.shape[0] - 1
-        if dense_path(s, n):  # every adapter on every row, the other adapters' shares zeroed
-            h = torch.mm(xs.reshape(b * s, -1), self.A_side).view(b, s, n, -1).mul_(self.rows.mask(xs)).view(b * s, -1)
-            product = lambda acc: h @ self.B_side if acc is None else acc.view(b * s, -1).addmm_(h, self.B_side)  # noqa: E731
+        in_place = result.dtype == xs.dtype and not torch.is_grad_enabled() and not layer.quantized and result.is_contiguous()
+        if grouped_path(s):
+            rows, places, m = self.rows.groups(xs.device)
+            if m == 0:  # every row runs the base alone
+                return result
+            picked = xs.reshape(b, -1).index_select(0, rows)  # (rows, s·in), sorted by adapter
+            grid = picked if len(places) == n * m else picked.new_zeros(n * m, picked.shape[1]).index_copy_(0, places, picked)
+            h = torch.bmm(grid.view(n, m * s, -1), self.At[1:])  # (n, m·s, r_max): one batched product over the adapters
+            y = torch.bmm(h, self.Bt[1:]) if self.bias is None else torch.baddbmm(self.bias[1:].unsqueeze(1), h, self.Bt[1:])
+            y = y.view(n * m, -1)
+            y = y if len(places) == n * m else y.index_select(0, places)  # back to one entry per row in `rows`
+            if in_place:  # inference, one dtype: accumulate into the fresh base output, as the single-adapter forward does
+                result.view(b, -1).index_add_(0, rows, y)
+                return result
+            delta = y.new_zeros(b, y.shape[1]).index_copy_(0, rows, y).view(result.shape)
         else:  # one gathered batched matmul per factor, no loop over adapters
+            slots = self.rows.slots_on(self.At.device)
             h, right = torch.bmm(xs, self.At.index_select(0, slots)), self.Bt.index_select(0, slots)  # h: (b, s, r_max)
-            product = lambda acc: torch.bmm(h, right) if acc is None else acc.baddbmm_(h, right)  # noqa: E731
-        bias = None if self.bias is None else self.bias.index_select(0, slots).unsqueeze(1)  # (b, 1, out)
-        # inference, one dtype: accumulate into the fresh base output in place, as the single-adapter forward does
-        if result.dtype == xs.dtype and not torch.is_grad_enabled() and not layer.quantized and result.is_contiguous():
-            acc = result.view(b, s, -1)
-            return product(acc if bias is None else acc.add_(bias)).view(result.shape)
-        delta = product(None).view(result.shape) if bias is None else product(bias.expand(b, s, -1).clone()).view(result.shape)
+            bias = None if self.bias is None else self.bias.index_select(0, slots).unsqueeze(1)  # (b, 1, out)
+            if in_place:
+                acc = result.view(b, s, -1)
+                return (acc if bias is None else acc.add_(bias)).baddbmm_(h, right).view(result.shape)
+            delta = (torch.bmm(h, right) if bias is None else torch.baddbmm(bias, h, right)).view(result.shape)
         out_dtype = result.dtype
         # as the single-adapter forward: bnb bases get the delta cast back before adding, others add then cast
         return (result + (delta.to(out_dtype) if layer.quantized else delta)).to(out_dtype)
-
 
 def enable_mixed(model: nn.Module, names: list[str]) -> None:
     """Let each batch row run its own adapter: `model(..., adapter_ids=ids)`, `model.generate(..., adapter_ids=ids)`.
