@@ -45,6 +45,7 @@ def main() -> None:
         "",
         f"One run of `{run['command']}` ({run['started']} → {run['finished']}, {run['minutes']:.0f} min), written by `benchmarks/report.py`.",
         "Every script runs ours and its anchor on the same work in the same process; ratios are against the anchor.",
+        *[f"Run again on its own afterwards (`--only`): {rerun}." for rerun in run.get("reruns", [])],
         "",
         (f"- **Machine**: {env['cpu']}, {env['cores']} cores, torch using {1 if run.get('cpu_time') else env['threads']} thread(s); "
          f"load average {load('load_before')} before, {load('load_after')} after"),

@@ -68,7 +68,11 @@ def main() -> int:
         "environment": environment(),
         "plots": str(plots),
     }
-    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    earlier = out / "run.json"
+    if args.only and earlier.exists():  # the other scripts' results are the earlier run's: keep its record, note this one
+        rerun, run = run, json.loads(earlier.read_text())
+        run["reruns"] = [*run.get("reruns", []), f"{', '.join(args.only)} ({rerun['finished']}, load average {rerun['load_before']} before)"]
+    earlier.write_text(json.dumps(run, indent=1) + "\n")
     for tool, target in (("plots.py", plots), ("report.py", results_md)):
         subprocess.run([sys.executable, str(HERE / tool), "--results", str(out), "--out", str(target)], check=True)
     if failed:
