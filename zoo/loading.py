@@ -190,7 +190,7 @@ def load(
             registered fusion brings its trained weights).
         drop: AdapterDrop — no adapter computation in the first `drop` transformer layers.
         mixed: multi-LoRA batches — `model(ids, adapter_ids=t)` / `model.generate(ids, adapter_ids=t)` runs
-            row i with adapter `adapters[t[i]]` (−1: the base), one gathered matmul per module.
+            row i with adapter `adapters[t[i]]` (−1: the base), one batched product per module (`compose.lora.mixed`).
         quantize: 'nf4' | 'fp4' | 'int8' loads the base quantized by bitsandbytes (QLoRA's setting).
         merge: fold the LoRA deltas into the base weights (no adapter cost at inference).
         dtype, device_map, quantization_config: passed to transformers' `from_pretrained` unchanged, so a
