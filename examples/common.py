@@ -63,26 +63,27 @@ def neighbour_agreements(model, tokenizer, keys: list[str]) -> dict[str, float]:
 
 def train_contrastive(model, tokenizer, params, key: str, *, lr: float, seed: int, label: str, steps: int = 60, batch: int = 48, after_step=None) -> None:
     """Train `params` of `model` (in train mode) so that `key` (topic or sentiment) decides who is a neighbour:
-    supervised contrastive loss on mean-pooled embeddings of reviews-train.jsonl, AdamW, as make_adapters.py.
+    supervised contrastive loss on mean-pooled embeddings of reviews-train.jsonl, AdamW, with a progress bar.
     `after_step(step)` runs after each optimizer step, before the gradients are cleared (AdaLoRA's budget)."""
     import random
-    import time
 
     import torch
+    from rich.progress import Progress
 
     from compose.objectives import supervised_contrastive_loss
 
     optimizer = torch.optim.AdamW(params, lr=lr)
     rows, rng = reviews("train"), random.Random(seed)
-    classes, start = sorted({r[key] for r in rows}), time.perf_counter()
-    for step in range(steps):
-        picked = rng.sample(rows, batch)
-        labels = torch.tensor([classes.index(r[key]) for r in picked])
-        loss = supervised_contrastive_loss(embed(model, tokenizer, [r["text"] for r in picked], grad=True), labels)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step(step)
-        optimizer.zero_grad()
-        if step in (0, steps - 1):
-            print(f"  {label}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    classes = sorted({r[key] for r in rows})
+    with Progress() as progress:
+        task = progress.add_task(f"training {label}", total=steps)
+        for step in range(steps):
+            picked = rng.sample(rows, batch)
+            labels = torch.tensor([classes.index(r[key]) for r in picked])
+            loss = supervised_contrastive_loss(embed(model, tokenizer, [r["text"] for r in picked], grad=True), labels)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(step)
+            optimizer.zero_grad()
+            progress.update(task, advance=1, description=f"training {label}  loss {loss.item():.3f}")

@@ -3,10 +3,10 @@ sentiment adapters on all-MiniLM-L6-v2, trained with the `adapters` library and 
 
     /work/venv-adapters/bin/python examples/make_adapterhub_adapters.py MINILM_FOLDER EXPECTED_FILE STEPS [NAME ...]
 
-Runs under the AdapterHub venv (adapters 1.3.0, transformers 4.57). For each adapter it writes
-examples/adapters/<name>/ (adapter_config.json + adapter.safetensors) and, into EXPECTED_FILE, the
-adapter's outputs on a padded probe batch, which the caller compares with `zoo.load`. STEPS = 0 trains
-nothing and only writes the outputs of the adapters already saved (tests/fixtures/minilm-adapterhub-expected.safetensors).
+Runs under the AdapterHub venv (adapters 1.3.0, transformers 4.57, rich). It trains the adapters NAME ...
+for STEPS steps (none: train nothing) and writes each to examples/adapters/<name>/ (adapter_config.json +
+adapter.safetensors); then it writes to EXPECTED_FILE the outputs of every adapter of SPECS, as saved,
+on a padded probe batch: what tests/test_examples.py holds `zoo.load` to.
 """
 
 from __future__ import annotations
@@ -78,10 +78,9 @@ def main(minilm: str, expected_file: str, steps: int, names: list[str]) -> None:
     probe = tokenizer(PROBE, padding=True, return_tensors="pt")
     with torch.no_grad():  # the bare base too: transformers 4.57 and 5.x differ a little on it already
         expected = {"base": base(minilm).eval()(**probe).last_hidden_state.contiguous()}
-    for name in names or SPECS:
-        if steps > 0:
-            train_and_save(minilm, tokenizer, probe, name, steps)
-        # reload what was written into a fresh model: the outputs the zoo must reproduce come from the files
+    for name in names if steps > 0 else []:
+        train_and_save(minilm, tokenizer, probe, name, steps)
+    for name in SPECS:  # reloaded into a fresh model: the outputs the zoo must reproduce come from the files
         model = base(minilm)
         model.load_adapter(str(ADAPTERS / name), set_active=True, use_safetensors=True)
         with torch.no_grad():

@@ -11,7 +11,6 @@ supervised contrastive loss on examples/data/reviews-train.jsonl. Uses adapter-z
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compose.lora.config import LoraConfig  # noqa: E402
 from compose.lora.model import attach_lora  # noqa: E402
 from compose.lora.state import lora_parameters, lora_state, new_lora_state  # noqa: E402
-from compose.objectives import supervised_contrastive_loss  # noqa: E402
-from examples.common import ADAPTERS, BASE_ID, embed, minilm_path, reviews  # noqa: E402
+from examples.common import ADAPTERS, BASE_ID, minilm_path, train_contrastive  # noqa: E402
 from zoo.formats.peft import save_adapter  # noqa: E402
 
 CONFIG = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
@@ -32,7 +30,6 @@ STEPS, BATCH, LR = 60, 48, 2e-3
 
 def train(key: str, seed: int) -> dict[str, torch.Tensor]:
     """A fresh LoRA on MiniLM trained so that `key` (topic or sentiment) decides who is a neighbour."""
-    from rich.progress import Progress
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -40,19 +37,7 @@ def train(key: str, seed: int) -> dict[str, torch.Tensor]:
     model = AutoModel.from_pretrained(minilm_path()).train()
     model.requires_grad_(False)
     attach_lora(model, key, CONFIG, new_lora_state(model, CONFIG, seed=seed))
-    optimizer = torch.optim.AdamW(lora_parameters(model, key), lr=LR)
-    rows, rng = reviews("train"), random.Random(seed)
-    classes = sorted({r[key] for r in rows})
-    with Progress() as progress:
-        task = progress.add_task(f"training minilm-{key}", total=STEPS)
-        for _ in range(STEPS):
-            batch = rng.sample(rows, BATCH)
-            labels = torch.tensor([classes.index(r[key]) for r in batch])
-            loss = supervised_contrastive_loss(embed(model, tokenizer, [r["text"] for r in batch], grad=True), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            progress.update(task, advance=1, description=f"training minilm-{key}  loss {loss.item():.3f}")
+    train_contrastive(model, tokenizer, lora_parameters(model, key), key, lr=LR, seed=seed, label=f"minilm-{key}", steps=STEPS, batch=BATCH)
     return lora_state(model.eval(), key)
 
 

@@ -103,9 +103,8 @@ def train_adapterhub(names: list[str], steps: int) -> dict[str, torch.Tensor]:
     wanted = [n for n in ADAPTERHUB if n in names]
     if not wanted:
         return {}
-    script = [str(ADAPTERHUB_PYTHON), str(ROOT / "examples/make_adapterhub_adapters.py"), str(minilm_path()), str(EXPECTED)]
-    subprocess.run([*script, str(steps), *wanted], check=True, cwd=ROOT)
-    subprocess.run([*script, "0", *ADAPTERHUB], check=True, cwd=ROOT)
+    script = ROOT / "examples/make_adapterhub_adapters.py"
+    subprocess.run([str(ADAPTERHUB_PYTHON), str(script), str(minilm_path()), str(EXPECTED), str(steps), *wanted], check=True, cwd=ROOT)
     return {name: t for name, t in load_file(EXPECTED).items() if name in wanted or name == "base"}
 
 

@@ -128,12 +128,11 @@ class LoraLayer(Delegating):
             return (result + self.fusion(result.to(x.dtype), deltas)).to(out_dtype)
         if not self.active:
             return result
-        # inference, plain LoRA, one dtype: accumulate s·B·(A·x) into the fresh base output in place, with the
-        # scaling inside the matmul (BLAS alpha): the same sums, one pass over the output instead of three
-        in_place = not torch.is_grad_enabled() and not self.quantized and result.is_contiguous()
         for ad in self.active:
             x = x.to(ad.lora_A.dtype)
-            if in_place and ad.magnitude is None and ad.lora_bias is None and result.dtype == x.dtype:
+            # plain LoRA: s·B·(A·x) into the output in place, the scaling inside the matmul (BLAS alpha): the
+            # same sums, one pass over the output instead of three
+            if ad.magnitude is None and ad.lora_bias is None and self.adds_in_place(result, x.dtype):
                 result.view(-1, result.shape[-1]).addmm_(F.linear(x, ad.lora_A).view(-1, ad.lora_A.shape[0]), ad.lora_B.T, alpha=ad.scaling)
                 continue
             lora = F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias)
@@ -146,6 +145,12 @@ class LoraLayer(Delegating):
             # PEFT's bnb layers cast each adapter's output back before adding; its Linear adds, then casts
             result = result + (delta.to(out_dtype) if self.quantized else delta)
         return result.to(out_dtype)
+
+    def adds_in_place(self, result: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether adapter outputs of `dtype` may be accumulated into the base output `result` in place: at
+        inference (no autograd to keep), in its dtype, over a full-precision base whose output is fresh and
+        contiguous (PEFT's bnb layers cast each adapter's output first, which this path would skip)."""
+        return result.dtype == dtype and not torch.is_grad_enabled() and not self.quantized and result.is_contiguous()
 
     def _dora_norm(self, ad: LoraAdapter, dtype: torch.dtype) -> torch.Tensor:
         """‖W + s·B·A‖ per output row, in `dtype`, detached: DoRA treats it as a constant."""
@@ -207,7 +212,7 @@ class LoraLayer(Delegating):
         """
         if not self.merged:
             return None
-        weight, bias = self._weight_to_merge(), self.base_layer.bias
+        weight, bias = self._weight_to_merge(copy=False), self.base_layer.bias  # merge() stored a copy of its own
         while self.merged:
             ad, f = self.merged.pop()
             if f is None:
@@ -228,14 +233,17 @@ class LoraLayer(Delegating):
         else:
             weight.add_(ad.delta_weight().to(weight.dtype), alpha=sign)
 
-    def _weight_to_merge(self) -> torch.Tensor:
-        """W as (out, in) to merge into: a copy of the base weight, or for bitsandbytes a dequantized fp32 copy.
+    def _weight_to_merge(self, copy: bool = True) -> torch.Tensor:
+        """W as (out, in) to merge into: a copy of the base weight (without `copy`, the weight itself), or for
+        bitsandbytes a dequantized fp32 copy.
 
-        A copy, not the weight itself: transformers maps safetensors weights from the file, and writing
-        into such a mapping faults every page in one by one (copy-on-write), several times slower than
-        copying it once into fresh memory (`_store_merged` puts the copy in place).
+        A copy by default: transformers maps safetensors weights from the file, and writing into such a
+        mapping faults every page in one by one (copy-on-write), several times slower than copying it once
+        into fresh memory (`_store_merged` puts the copy in place).
         """
-        return self.base_weight().float() if self.quantized else self.base_weight().clone()
+        if self.quantized:
+            return self.base_weight().float()
+        return self.base_weight().clone() if copy else self.base_weight()
 
     def _store_merged(self, weight: torch.Tensor) -> QuantError | None:
         """Put the merged weight in the base layer: as its parameter's data (tied parameters follow: they are

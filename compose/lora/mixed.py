@@ -109,7 +109,7 @@ class MixedStack(nn.Module):
             return result
         xs = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.At.dtype)  # (b, s, in)
         (b, s), n = xs.shape[:2], self.At.shape[0] - 1
-        in_place = result.dtype == xs.dtype and not torch.is_grad_enabled() and not layer.quantized and result.is_contiguous()
+        in_place = layer.adds_in_place(result, xs.dtype)
         if grouped_path(s):
             rows, places, m = self.rows.groups(xs.device)
             if m == 0:  # every row runs the base alone
@@ -120,7 +120,7 @@ class MixedStack(nn.Module):
             y = torch.bmm(h, self.Bt[1:]) if self.bias is None else torch.baddbmm(self.bias[1:].unsqueeze(1), h, self.Bt[1:])
             y = y.view(n * m, -1)
             y = y if len(places) == n * m else y.index_select(0, places)  # back to one entry per row in `rows`
-            if in_place:  # inference, one dtype: accumulate into the fresh base output, as the single-adapter forward does
+            if in_place:
                 result.view(b, -1).index_add_(0, rows, y)
                 return result
             delta = y.new_zeros(b, y.shape[1]).index_copy_(0, rows, y).view(result.shape)
@@ -135,6 +135,7 @@ class MixedStack(nn.Module):
         out_dtype = result.dtype
         # as the single-adapter forward: bnb bases get the delta cast back before adding, others add then cast
         return (result + (delta.to(out_dtype) if layer.quantized else delta)).to(out_dtype)
+
 
 def enable_mixed(model: nn.Module, names: list[str]) -> None:
     """Let each batch row run its own adapter: `model(..., adapter_ids=ids)`, `model.generate(..., adapter_ids=ids)`.
