@@ -111,28 +111,6 @@ def peft_counts() -> None:
 # ---- fidelity -----------------------------------------------------------------------------------
 
 
-def _peft_folder(base, out: Path, config, seed: int, prune: bool = False) -> Path:
-    """A PEFT adapter for `base` saved to `out`, every trained tensor drawn at random (PEFT starts IA3 at 1,
-    LoRA's B and AdaLoRA's E at 0, which would hide a wrong engine); AdaLoRA pruned per module with `prune`."""
-    import copy
-
-    import peft
-    import torch
-
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.5 + torch.rand_like(p) if "ia3_l" in name else 0.3 * torch.randn_like(p))
-    if prune:  # as update_and_allocate leaves it: ranks kept per module by masks over init_r
-        gen = torch.Generator().manual_seed(seed)
-        names = sorted(n.removeprefix("base_model.model.").removesuffix(".default") for n, _ in model.named_parameters() if ".lora_E." in n)
-        model.peft_config["default"].rank_pattern = {n: (torch.rand(config.init_r, generator=gen) < 0.6).tolist() for n in names}
-    model.save_pretrained(out)
-    return out
-
-
 def _peft_cases(family: str, task: str):
     """(label, peft config, AdaLoRA pruning) per PEFT method, on one tiny family."""
     import peft
@@ -181,7 +159,7 @@ def peft_fidelity(work: Path) -> list[tuple[str, str, str, float, float | None]]
     import warnings
 
     import torch
-    from tiny import peft_model, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+    from tiny import peft_model, random_peft_adapter, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
     import zoo
     from zoo.loading import merge_in_memory
@@ -197,7 +175,7 @@ def peft_fidelity(work: Path) -> list[tuple[str, str, str, float, float | None]]
         for i, (label, config, prune) in enumerate(_peft_cases(family, task)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                folder = _peft_folder(base, work / f"{family}-{i}", config, seed=i, prune=prune)
+                folder = random_peft_adapter(base, work / f"{family}-{i}", config, seed=i, prune=prune)
                 ours = zoo.load(copy.deepcopy(base), adapters=[str(folder)])
                 with torch.no_grad():
                     got = ours(**batch).logits
@@ -237,10 +215,8 @@ def adapterhub_fidelity() -> list[tuple[str, str, float]]:
     )
 
     from compose import drop
-    from compose.bottleneck.fusion import (
-        attach_bottleneck_fusion,
-        detach_bottleneck_fusion,
-    )
+    from compose.bottleneck.fusion import attach_bottleneck_fusion
+    from compose.fusion.model import detach_fusion
     from compose.bottleneck.model import attach_bottleneck, set_active_bottlenecks
     from compose.mam.model import attach_mam
     from compose.prefix.model import attach_prefix, detach_prefix
@@ -273,7 +249,7 @@ def adapterhub_fidelity() -> list[tuple[str, str, float]]:
                 drop.set_drop(model, 1)
                 record("AdapterDrop (Stack and Fuse)", model, "drop_fuse")
                 drop.set_drop(model, 0)
-            detach_bottleneck_fusion(model)
+            detach_fusion(model)
         set_active_bottlenecks(model, ["dbl"])
         drop.set_drop(model, 1)
         record("AdapterDrop (Stack and Fuse)", model, "drop_dbl")

@@ -3,33 +3,16 @@ make sense work, the others fail in one line."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 import zoo
 from compose.errors import CompositionError
-from tiny import make_peft_adapter, peft_model, tiny_llama, token_ids
+from tiny import make_peft_adapter, peft_model, random_peft_adapter, tiny_llama, token_ids
 from zoo.errors import ZooError
 
 ATOL = 1e-5
-
-
-def make_peft(base, out_dir: Path, peft_config, seed: int) -> Path:
-    """Save a PEFT adapter of any method with every adapter tensor drawn at random (PEFT starts IA3 at 1,
-    AdaLoRA's E and B at 0, which would hide a wrong engine)."""
-    import peft
-
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft_config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.5 + torch.rand_like(p) if "ia3_l" in name else 0.3 * torch.randn_like(p))
-    model.save_pretrained(out_dir)
-    return Path(out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +24,12 @@ def setup(tmp_path_factory):
     base.save_pretrained(root / "base")
     task = dict(task_type="CAUSAL_LM")
     folders = {
-        "ada": make_peft(base, root / "ada", peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], **task), 1),
-        "ia3-a": make_peft(base, root / "ia3-a", peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], **task), 2),
-        "ia3-b": make_peft(base, root / "ia3-b", peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], **task), 3),
-        "prefix": make_peft(base, root / "prefix", peft.PrefixTuningConfig(num_virtual_tokens=3, **task), 4),
-        "prompt": make_peft(base, root / "prompt", peft.PromptTuningConfig(num_virtual_tokens=4, **task), 5),
-        "ptuning": make_peft(base, root / "ptuning", peft.PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=16, **task), 6),
+        "ada": random_peft_adapter(base, root / "ada", peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], **task), 1),
+        "ia3-a": random_peft_adapter(base, root / "ia3-a", peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], **task), 2),
+        "ia3-b": random_peft_adapter(base, root / "ia3-b", peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], **task), 3),
+        "prefix": random_peft_adapter(base, root / "prefix", peft.PrefixTuningConfig(num_virtual_tokens=3, **task), 4),
+        "prompt": random_peft_adapter(base, root / "prompt", peft.PromptTuningConfig(num_virtual_tokens=4, **task), 5),
+        "ptuning": random_peft_adapter(base, root / "ptuning", peft.PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=16, **task), 6),
         "lora": make_peft_adapter(base, root / "lora", seed=7, r=4, lora_alpha=8, target_modules=["o_proj"], **task),
     }
     return root, base, folders

@@ -137,3 +137,22 @@ def same_lora_adapters(base: nn.Module, specs: dict[str, dict]) -> tuple[nn.Modu
         state = peft.get_peft_model_state_dict(ref, adapter_name=name)
         attach_lora(ours, name, LoraConfig(**spec), {k.removeprefix("base_model.model."): v for k, v in state.items()})
     return ours.eval(), ref.eval()
+
+
+def random_peft_adapter(base: nn.Module, out_dir: str | Path, peft_config, seed: int, prune: bool = False) -> Path:
+    """Save a PEFT adapter of any method for `base` with every trained tensor drawn at random (PEFT starts IA3 at
+    1, LoRA's B and AdaLoRA's E at 0, which would hide a wrong engine); AdaLoRA pruned per module with `prune`."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.5 + torch.rand_like(p) if "ia3_l" in name else 0.3 * torch.randn_like(p))
+    if prune:  # as update_and_allocate leaves it: ranks kept per module by masks over init_r
+        gen = torch.Generator().manual_seed(seed)
+        names = sorted(n.removeprefix("base_model.model.").removesuffix(".default") for n, _ in model.named_parameters() if ".lora_E." in n)
+        model.peft_config["default"].rank_pattern = {n: (torch.rand(peft_config.init_r, generator=gen) < 0.6).tolist() for n in names}
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
