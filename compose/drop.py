@@ -18,6 +18,7 @@ from torch import nn
 
 from compose.bottleneck.layer import BottleneckSite
 from compose.errors import CompositionError
+from compose.families import layer_list
 from compose.ia3.layer import IA3Layer
 from compose.lora.layer import LoraLayer
 
@@ -38,15 +39,12 @@ def layer_index(path: str) -> int | None:
 
 
 def num_layers(model: nn.Module) -> int:
-    """L: the length of the model's layer list (the longest, if it has several, e.g. text and vision towers).
+    """L: the length of the model's layer list (`compose.families.layer_list`).
 
     Raises:
         CompositionError: the model has no `layers` / `h` / `layer` / `blocks` module list.
     """
-    lengths = [len(m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and path.rpartition(".")[2] in ("layers", "h", "layer", "blocks")]
-    if not lengths:
-        raise CompositionError(f"{type(model).__name__} has no layer list (layers / h / layer / blocks); AdapterDrop cannot tell its layers apart")
-    return max(lengths)
+    return len(layer_list(model, "AdapterDrop cannot tell its layers apart"))
 
 
 def set_drop(model: nn.Module, k: int) -> None:

@@ -65,7 +65,23 @@ FAMILIES: tuple[Family, ...] = (
     }, excludes=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
 )
 
-_LAYER_LISTS = ("layers", "h", "layer", "blocks")
+#: What transformers calls a model's list of transformer layers.
+LAYER_LISTS = ("layers", "h", "layer", "blocks")
+
+
+def layer_list(model: nn.Module, purpose: str) -> nn.ModuleList:
+    """The model's transformer layers: its longest `layers` / `h` / `layer` / `blocks` module list (the
+    longest if it has several, e.g. text and vision towers).
+
+    Raises:
+        CompositionError: the model has none (the message says what `purpose` needs it for).
+    """
+    from torch import nn
+
+    lists = [m for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and path.rpartition(".")[2] in LAYER_LISTS]
+    if not lists:
+        raise CompositionError(f"{type(model).__name__} has no layer list (layers / h / layer / blocks); {purpose}")
+    return max(lists, key=len)
 
 
 def detect_family(model: nn.Module) -> tuple[Family, list[str]]:
@@ -78,7 +94,7 @@ def detect_family(model: nn.Module) -> tuple[Family, list[str]]:
 
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and path.rpartition(".")[2] in _LAYER_LISTS and len(module):
+        if isinstance(module, nn.ModuleList) and path.rpartition(".")[2] in LAYER_LISTS and len(module):
             names = {name for name, _ in module[0].named_modules()}
             for family in FAMILIES:
                 if family.modules() <= names and not names & set(family.excludes):

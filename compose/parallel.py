@@ -30,11 +30,10 @@ from torch import nn
 
 from compose.drop import current_drop, set_drop
 from compose.errors import CompositionError
+from compose.families import layer_list
 from compose.lora.layer import LoraLayer
 from compose.lora.mixed import disable_mixed, enable_mixed, mixed_adapters
 from compose.lora.model import attached_adapters
-
-_LAYER_LISTS = ("layers", "h", "layer", "blocks")
 
 
 def enable_parallel(model: nn.Module, names: list[str], k: int) -> None:
@@ -52,7 +51,7 @@ def enable_parallel(model: nn.Module, names: list[str], k: int) -> None:
         CompositionError: `k` is outside [0, L]; `names` is empty, repeats or names an unattached adapter;
             an adapter cannot run per row (see `compose.lora.mixed.enable_mixed`).
     """
-    layers = _layer_list(model)
+    layers = layer_list(model, "parallel tasks need one to share the first k")
     if not 0 <= k <= len(layers):
         raise CompositionError(f"parallel k={k} is outside [0, {len(layers)}] for this {len(layers)}-layer model")
     disable_parallel(model)
@@ -92,14 +91,6 @@ def parallel_tasks(model: nn.Module) -> tuple[list[str], int] | None:
     """(task adapters, k) of the parallel set-up on `model`, or None if it is off."""
     state = getattr(model, "_compose_parallel", None)
     return None if state is None else (list(state["names"]), state["k"])
-
-
-def _layer_list(model: nn.Module) -> nn.ModuleList:
-    """The model's transformer layers (the longest `layers` / `h` / `layer` / `blocks` list, as `compose.drop`)."""
-    lists = [m for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and path.rpartition(".")[2] in _LAYER_LISTS]
-    if not lists:
-        raise CompositionError(f"{type(model).__name__} has no layer list (layers / h / layer / blocks); parallel tasks need one to share the first k")
-    return max(lists, key=len)
 
 
 def _start(model: nn.Module, state: dict, takes_use_cache: bool):
