@@ -17,7 +17,7 @@ from typing import Iterable
 
 from zoo.errors import ZooError
 from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
-from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
+from zoo.manifest import AdapterManifest, BaseModelRef, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
 from zoo.paths import registry_path, zoo_home
 from zoo.registry import Registry
 from zoo.safety import check_links
@@ -119,10 +119,12 @@ def register_folder(
     license: str | None = None,
     allow_pickle: bool = False,
     base: PathLike | None = None,
+    base_model: BaseModelRef | None = None,
     new_version_of_same_source: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Store an adapter folder's files and register them under `name` (see `add` and `register`)."""
+    """Store an adapter folder's files and register them under `name` (see `add` and `register`);
+    `base_model` replaces the base the folder records (a composition's is its members')."""
     name = check_name(name)
     reg = open_registry(registry)
     if reg.versions(name) and not new_version_of_same_source:
@@ -138,7 +140,7 @@ def register_folder(
         name=name,
         method=adapter.config,
         format=adapter.format,
-        base_model=adapter.base_model,
+        base_model=base_model or adapter.base_model,
         task_type=adapter.task_type,
         size=size,
         files=files,

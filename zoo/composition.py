@@ -118,8 +118,12 @@ def combine_adapters(
         fan_in_fan_out=adapters[0].config.fan_in_fan_out,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
     )
-    first = adapters[0]
-    return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
+    return ResolvedAdapter(name, config, state, *_identity(adapters))
+
+
+def _identity(adapters: list[ResolvedAdapter]) -> tuple[str | None, str | None, str | None]:
+    """(task type, architecture, base) of a combination: each from the first member that records it."""
+    return tuple(next((getattr(a, f) for a in adapters if getattr(a, f)), None) for f in ("task_type", "architecture", "base_model"))
 
 
 def _combine_ia3(adapters: list[ResolvedAdapter], weights: list[float], name: str) -> ResolvedAdapter:
@@ -131,8 +135,7 @@ def _combine_ia3(adapters: list[ResolvedAdapter], weights: list[float], name: st
         config = combine_ia3_configs([a.config for a in adapters])
     except CompositionError as e:
         raise ZooError(f"{'+'.join(a.name for a in adapters)}: {e}") from None
-    first = adapters[0]
-    return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
+    return ResolvedAdapter(name, config, state, *_identity(adapters))
 
 
 def _members(adapters: list[ResolvedAdapter]) -> list[MemberRef]:
@@ -146,8 +149,10 @@ def _members(adapters: list[ResolvedAdapter]) -> list[MemberRef]:
 
 
 def _base_ref(adapters: list[ResolvedAdapter]) -> BaseModelRef:
-    first = adapters[0].manifest
-    return first.base_model if first else BaseModelRef()
+    """The members' base, each field from the first member that records it: a composition keeps the class
+    (e.g. LlamaForCausalLM, not the headless LlamaModel) and model type its members were trained on."""
+    refs = [a.manifest.base_model for a in adapters if a.manifest]
+    return BaseModelRef(**{field: next((getattr(r, field) for r in refs if getattr(r, field)), None) for field in BaseModelRef.model_fields})
 
 
 def compose(
@@ -199,7 +204,7 @@ def compose(
         with tempfile.TemporaryDirectory() as work:
             folder = peft_format.save_adapter(Path(work) / name, combined.config, combined.state, base_model=combined.base_model, task_type=combined.task_type)
             source = Source(kind="composition", members=refs, recipe=recipe)
-            return register_folder(folder, name=name, source=source, task=task, tags=tags, registry=registry)
+            return register_folder(folder, name=name, source=source, task=task, tags=tags, base_model=_base_ref(members), registry=registry)
     size = SizeInfo(trainable_params=sum(a.manifest.size.trainable_params for a in members), bytes=sum(a.manifest.size.bytes for a in members))
     common = dict(name=name, members=refs, base_model=_base_ref(members), task=task, tags=sorted(set(tags)))
     if fusion == "stack":

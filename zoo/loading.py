@@ -129,23 +129,49 @@ def quantization_config_for(quantize: str | None) -> Any:
     return bnb_config(quantize, torch.float32)
 
 
+def _builtin_model_class(name: Any) -> str | None:
+    """`name` if transformers itself defines a model class so named (never code shipped with a model), else None."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return name if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def _config_model_class(base: PathLike, revision: str | None) -> str | None:
+    """The base's own class (`architectures[0]` of its config.json) where transformers defines it and the
+    config maps no class to the model's own code (that code, when trusted, decides)."""
+    from zoo.safety import base_json, remote_code_classes
+
+    config = base_json(base, "config.json", revision)
+    names = config.get("architectures")
+    if not isinstance(names, list) or not names or remote_code_classes(config):
+        return None
+    return _builtin_model_class(names[0])
+
+
 def load_base(
     base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None,
     trust_remote_code: bool = False, **kwargs: Any,
 ) -> torch.nn.Module:
-    """`from_pretrained` with the class the adapter was trained on (task type, else its recorded architecture).
+    """`from_pretrained` with the class the adapter was trained on: its task type, else its recorded architecture,
+    else the base's own (`architectures[0]` of its config.json), each only if transformers defines it.
     A base that needs its own code is refused unless `trust_remote_code=True` (never implied)."""
     import transformers
 
+    from zoo.bases import check_base
     from zoo.safety import refuse_remote_code
 
     if Path(base).is_dir() and not (Path(base) / "config.json").is_file() and (Path(base) / "adapter_config.json").is_file():
         # transformers would load the adapter's base and the adapter (or fail on a config without a base)
         raise ZooError(f"{str(base)!r} is an adapter folder, not a base model", "pass the base model, and the adapter as --adapters / adapters=")
+    check_base(base, revision=kwargs.get("revision"))  # one quick line for a missing folder or an unreachable Hub
     refuse_remote_code(base, trust_remote_code, revision=kwargs.get("revision"))
     kwargs["trust_remote_code"] = trust_remote_code
     if model_class is None:
-        name = _AUTO_CLASS_FOR_TASK.get(task_type or "") or (architecture if hasattr(transformers, architecture or "") else "AutoModel")
+        name = (
+            _AUTO_CLASS_FOR_TASK.get(task_type or "") or _builtin_model_class(architecture)
+            or _config_model_class(base, kwargs.get("revision")) or "AutoModel"
+        )
         model_class = getattr(transformers, name)
     try:
         return model_class.from_pretrained(base, **kwargs)

@@ -15,11 +15,13 @@ def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, regi
     from transformers import AutoTokenizer
 
     from compose.objectives import mean_pool
+    from zoo.bases import check_base
     from zoo.loading import load
     from zoo.safety import refuse_remote_code
 
     adapters = load_kwargs.pop("adapters", None) or ()
     trust_remote_code = load_kwargs.pop("trust_remote_code", False)
+    check_base(base, revision=load_kwargs.get("revision"))
     refuse_remote_code(base, trust_remote_code, files=("config.json", "tokenizer_config.json"))
     model = load(base, adapters, registry=registry, trust_remote_code=trust_remote_code, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
@@ -34,6 +36,6 @@ def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, regi
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             return {"generated": texts, "seconds": time.perf_counter() - start}
         batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
-        hidden = model(**batch).last_hidden_state
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # a bare encoder or one with a head
         embeddings = mean_pool(hidden, batch["attention_mask"])
         return {"similarity": (embeddings @ embeddings.T).tolist(), "seconds": time.perf_counter() - start}

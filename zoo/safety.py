@@ -55,7 +55,7 @@ def refuse_remote_code(base: PathLike, trust_remote_code: bool, *, files: Iterab
     if trust_remote_code:
         return
     for name in files:
-        config = _config(base, name, revision)
+        config = base_json(base, name, revision)
         if classes := remote_code_classes(config):
             raise ZooError(
                 f"base model {str(base)!r} needs its own code to load ({', '.join(classes)} in {name}), which zoo does not run unless asked",
@@ -63,7 +63,7 @@ def refuse_remote_code(base: PathLike, trust_remote_code: bool, *, files: Iterab
             )
 
 
-def _config(base: PathLike, name: str, revision: str | None) -> dict[str, Any]:
+def base_json(base: PathLike, name: str, revision: str | None = None) -> dict[str, Any]:
     """`name` of a local folder, or of a Hub repo (through transformers' cache, which `from_pretrained` then reuses);
     {} when there is none: loading reports that."""
     from zoo.formats.peft import read_json_config

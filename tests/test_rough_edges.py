@@ -1,0 +1,93 @@
+"""What a new user hits first (issue 12): compositions keep their base's class, every kind of entry prints
+its summary, bases that cannot be found fail fast in one line, defaults work, options that do not apply
+are refused, and a changed folder added again becomes the next version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from tests.tiny import make_peft_adapter, tiny_llama, token_ids
+from zoo.errors import ZooError
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A saved LlamaForCausalLM (no tokenizer) and two LoRAs of it saved without a task type (peft then
+    records the class in auto_mapping)."""
+    root = tmp_path_factory.mktemp("llama")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    a = make_peft_adapter(base, root / "a", seed=1, r=4, target_modules=["q_proj", "v_proj"])
+    b = make_peft_adapter(base, root / "b", seed=2, r=2, target_modules=["q_proj", "o_proj"])
+    return root / "base", a, b
+
+
+# ---- item 2: compositions keep their base's identity ----------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "stack"])
+def test_composition_keeps_the_members_architecture(llama, fusion):
+    base, a, b = llama
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    assert zoo.show("a").base_model.architecture == "LlamaForCausalLM"
+    extra = dict(method="svd", rank=16) if fusion == "weighted" else {}
+    ab = zoo.compose(["a", "b"], fusion=fusion, name="ab", **extra)
+    assert ab.base_model.architecture == "LlamaForCausalLM"
+    model = zoo.load(base, adapters=["ab"])
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model(token_ids()).logits.shape[-1] == 64
+
+
+def test_base_alone_loads_as_its_config_class(llama, tmp_path):
+    base, _, _ = llama
+    assert type(zoo.load(base)).__name__ == "LlamaForCausalLM"  # not the headless LlamaModel
+    for architectures in (["pipeline"], ["os"], "LlamaForCausalLM", [{"x": 1}]):  # only transformers' own model classes
+        folder = tmp_path / "odd"
+        folder.mkdir(exist_ok=True)
+        for f in base.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        config = json.loads((base / "config.json").read_text()) | {"architectures": architectures}
+        (folder / "config.json").write_text(json.dumps(config))
+        assert type(zoo.load(folder)).__name__ == "LlamaModel"
+
+
+# ---- item 6: bases that cannot be found --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", ["./minilm-base-typo", "/x/y", "~/x", "a/b/c"])
+def test_missing_folder_says_so(zoo_cli, base):
+    code, out, err = zoo_cli("run", base, "-p", "hi")
+    assert code == 2 and err == f"error: folder {base!r} does not exist — check the path (a typo?), or pass a Hub repo id such as org/name\n"
+
+
+def test_unreachable_hub_is_one_line_within_seconds(tmp_path):
+    """No network: the client's retries (1+2+4+8+8 s per file) are not waited for."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    for args in (["run", "org/no-such-model", "-p", "hi"], ["compose", "a+b", "--name", "f", "--fusion", "attention"]):
+        if args[0] == "compose":  # members whose base is a Hub id, no --base
+            subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-sentiment"), "--name", "a"], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-topic"), "--name", "b"], env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert time.perf_counter() - start < 20
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.startswith("error: cannot reach the Hub (http://127.0.0.1:9)") and "HF_ENDPOINT" in run.stderr
+
+
+def test_unknown_hub_repo_is_one_line(zoo_cli, server):
+    code, _, err = zoo_cli("run", "org/no-such-model", "-p", "hi")
+    assert code == 2 and err.startswith("error: no model 'org/no-such-model' on the Hub") and "typo" in err
