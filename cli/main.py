@@ -69,22 +69,49 @@ def add(
     m = api.add(path, name=name, task=task, tags=tag or (), license=license, allow_pickle=allow_pickle, base=base, registry=registry)
     if as_json:
         return print_json(m.model_dump(mode="json"))
-    from zoo.manifest import method_summary
-
+    weights = m.weights if m.kind == "adapter" else m.files[-1] if m.files else None
     typer.echo(
-        f"added {m.ref}: {m.method.method} {method_summary(m.method)}, {m.size.trainable_params:,} params, "
-        f"{human_bytes(m.size.bytes)}, sha256 {m.weights.sha256[:12] if m.weights else '?'}"
+        f"added {m.ref}: {m.label} {_shape(m)}, {m.size.trainable_params:,} params, "
+        f"{human_bytes(m.size.bytes)}" + (f", sha256 {weights.sha256[:12]}" if weights else "")
     )
 
 
-def _manifest_row(m) -> list[str]:
-    from zoo.units import human_bytes
-
+def _shape(m) -> str:
+    """An adapter's shape ('r=8 α=16'), a composition's members ('a+b')."""
     from zoo.manifest import method_summary
 
-    shape = method_summary(m.method) if m.kind == "adapter" else "+".join(x.name for x in m.members)
+    return method_summary(m.method) if m.kind == "adapter" else "+".join(x.name for x in m.members)
+
+
+LIST_COLUMNS = [("name", "left"), ("ver", "right"), ("method", "left"), ("shape", "left"), ("base", "left"),
+                ("task", "left"), ("params", "right"), ("size", "right")]
+FLEXIBLE_COLUMNS = ("shape", "base", "task")  # free text: shortened (…) to fit a terminal; the rest is always whole
+OPTIONAL_COLUMNS = ("base", "params")  # left out, in this order, where the others would not fit
+
+
+def _fit_columns(rows: list[list[str]], room: int) -> tuple[dict[tuple[str, str], int], list[list[str]]]:
+    """The columns (with widths) and rows that fit `room` characters, one line per row."""
+    columns = {col: max([len(col[0]), *(len(row[i]) for row in rows)]) for i, col in enumerate(LIST_COLUMNS)}
+    natural = lambda: sum(columns.values()) + 2 * (len(columns) - 1)  # noqa: E731  (two spaces between columns)
+    for name in OPTIONAL_COLUMNS:
+        if natural() > room:
+            del columns[next(col for col in columns if col[0] == name)]
+    flexible = sorted((col for col in columns if col[0] in FLEXIBLE_COLUMNS), key=columns.get)
+    spare = room - natural() + sum(columns[col] for col in flexible)
+    for n, col in enumerate(flexible):  # the narrowest first: what it leaves goes to the wider ones
+        columns[col] = max(4, min(columns[col], spare // (len(flexible) - n)))
+        spare -= columns[col]
+    kept = [i for i, col in enumerate(LIST_COLUMNS) if col in columns]
+    return columns, [[row[i] for i in kept] for row in rows]
+
+
+def _manifest_row(m, short_base: bool) -> list[str]:
+    """One entry as table cells; `short_base`: the base's last path part ('all-MiniLM-L6-v2'), `zoo show` has it whole."""
+    from zoo.units import human_bytes
+
+    base = m.base_model.name_or_path or "-"
     return [
-        m.name, str(m.version), m.label, shape, m.base_model.name_or_path or "-",
+        m.name, str(m.version), m.label, _shape(m), base.rstrip("/").rsplit("/", 1)[-1] if short_base else base,
         m.task or "-", f"{m.size.trainable_params:,}", human_bytes(m.size.bytes),
     ]
 
@@ -97,20 +124,31 @@ def list_(
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered adapters (every version)."""
+    """List registered adapters (every version): a table on a terminal, one line per entry in a pipe."""
     from zoo import api
 
     found = api.list_adapters(base=base, method=method, task=task, registry=registry)
     if as_json:
         return print_json([m.model_dump(mode="json") for m in found])
+    if not sys.stdout.isatty():  # for grep, cut and friends: aligned columns, never wrapped
+        rows = [[name for name, _ in LIST_COLUMNS], *(_manifest_row(m, short_base=False) for m in found)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS))]
+        for row in rows:
+            cells = (cell.rjust(w) if justify == "right" else cell.ljust(w) for cell, w, (_, justify) in zip(row, widths, LIST_COLUMNS))
+            typer.echo("  ".join(cells).rstrip())
+        return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
-    table.add_column("name", no_wrap=True)
-    for col, justify in [("ver", "right"), ("method", "left"), ("shape / members", "left"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
-        table.add_column(col, justify=justify, overflow="fold")
-    for m in found:
-        table.add_row(*_manifest_row(m))
+    c = console()
+    columns, rows = _fit_columns([_manifest_row(m, short_base=True) for m in found], c.width)
+    hidden = [name for name, justify in LIST_COLUMNS if (name, justify) not in columns]
+    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}", box=None, pad_edge=False, padding=(0, 1),
+                  caption=f"not shown at this width: {', '.join(hidden)} (zoo show NAME, zoo list --json)" if hidden else None)
+    for (col, justify), width in columns.items():
+        table.add_column(col, justify=justify, no_wrap=True, overflow="ellipsis", width=width)
+    for row in rows:
+        table.add_row(*row)
     console().print(table)
 
 

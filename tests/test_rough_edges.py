@@ -91,3 +91,69 @@ def test_unreachable_hub_is_one_line_within_seconds(tmp_path):
 def test_unknown_hub_repo_is_one_line(zoo_cli, server):
     code, _, err = zoo_cli("run", "org/no-such-model", "-p", "hi")
     assert code == 2 and err.startswith("error: no model 'org/no-such-model' on the Hub") and "typo" in err
+
+
+# ---- item 3: every kind of entry prints its summary -------------------------------------------------
+
+
+def test_every_kind_of_entry_prints_its_summary(zoo_cli, tmp_path):
+    from safetensors.torch import load_file
+
+    for member in ("seq", "seq2"):
+        assert zoo_cli("add", FIXTURES / "bert" / "adapters" / member, "--name", member)[0] == 0
+    fusion = tmp_path / "fusion"  # as AdapterHub saves it by default: a pickle
+    fusion.mkdir()
+    source = FIXTURES / "bert" / "fusions" / "seq_seq2"
+    (fusion / "adapter_fusion_config.json").write_bytes((source / "adapter_fusion_config.json").read_bytes())
+    torch.save(load_file(source / "model_adapter_fusion.safetensors"), fusion / "pytorch_model_adapter_fusion.bin")
+    code, out, err = zoo_cli("add", fusion, "--name", "fab", "--allow-pickle")
+    assert code == 0, err
+    assert out.startswith("added fab@1: attention seq+seq2, ") and " params, " in out and "sha256 " in out
+    assert zoo_cli("compose", "seq+seq2", "--name", "st")[0] == 0
+    for ref in ("fab", "st"):
+        code, out, err = zoo_cli("show", ref)
+        assert code == 0 and out.startswith(f"{ref}@1  ") and "members: seq@1, seq2@1" in out, err
+        assert json.loads(zoo_cli("show", ref, "--json")[1])["kind"] == "composition"
+    code, out, _ = zoo_cli("list", "--json")
+    assert code == 0 and {e["name"]: e["kind"] for e in json.loads(out)} == {"seq": "adapter", "seq2": "adapter", "fab": "composition", "st": "composition"}
+    code, out, _ = zoo_cli("list")
+    assert code == 0 and "seq+seq2" in out
+    code, out, _ = zoo_cli("verify", "fab", "--json")
+    assert code == 0 and [r["path"] for r in json.loads(out)] == ["adapter_fusion_config.json", "model_adapter_fusion.safetensors"]
+    assert zoo_cli("verify", "st")[1] == "0/0 files intact\n"
+    assert zoo_cli("remove", "fab")[1] == "removed fab@1\n"
+
+
+# ---- item 6: zoo list at 80 columns and in a pipe ------------------------------------------------------
+
+
+def test_list_is_one_line_per_entry_in_a_pipe(zoo_cli):
+    code, out, _ = zoo_cli("list", "--registry", REPO / "registry.json")  # stdout is not a terminal here
+    lines = out.splitlines()
+    names = [m.name for m in zoo.list_adapters(registry=REPO / "registry.json")]
+    assert code == 0 and len(lines) == 1 + len(names) == 13
+    assert lines[0].split() == ["name", "ver", "method", "shape", "base", "task", "params", "size"]
+    for line, name in zip(lines[1:], names):
+        assert line.split()[:2] == [name, "1"] and "sentence-transformers/all-MiniLM-L6-v2" in line
+
+
+def test_list_fits_80_columns_on_a_terminal(monkeypatch):
+    import contextlib
+    import io
+    import re
+
+    from cli.main import main
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with contextlib.redirect_stdout(Terminal()) as out:
+        main(["list", "--registry", str(REPO / "registry.json")])
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()).splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = [line for line in lines if line.startswith("minilm-")]
+    assert len(rows) == 12 and all(line.split()[1] == "1" and line.endswith("KB") for line in rows)  # whole: one line per row
+    assert "minilm-sentiment-pfeiffer    1  bottleneck  pfeiffer ÷16" in lines[4]
+    assert "not shown at this width: base, params" in lines[-1]
