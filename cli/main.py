@@ -62,13 +62,17 @@ def add(
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import an adapter folder into the store and register it (hashes and sizes are measured)."""
+    """Import an adapter folder into the store and register it (hashes and sizes are measured).
+    Under a NAME that exists, changed files become its next version (NAME@2); the same files change nothing."""
     from zoo import api
     from zoo.units import human_bytes
 
+    known = {m.version for m in api.open_registry(registry).versions(api.entry_name(path, name))}
     m = api.add(path, name=name, task=task, tags=tag or (), license=license, allow_pickle=allow_pickle, base=base, registry=registry)
     if as_json:
         return print_json(m.model_dump(mode="json"))
+    if m.version in known:
+        return typer.echo(f"unchanged: {m.ref} already holds these files (nothing was added)")
     weights = m.weights if m.kind == "adapter" else m.files[-1] if m.files else None
     typer.echo(
         f"added {m.ref}: {m.label} {_shape(m)}, {m.size.trainable_params:,} params, "

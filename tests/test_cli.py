@@ -76,10 +76,10 @@ def test_bad_input_is_one_line_and_exit_2(zoo_cli, adapter_dir, args, message):
         assert err.count("\n") == 1 and err.startswith("error: ")
 
 
-def test_duplicate_name_is_refused_and_keeps_the_entry(zoo_cli, adapter_dir):
+def test_the_same_files_again_change_nothing(zoo_cli, adapter_dir):
     assert zoo_cli("add", adapter_dir, "--name", "g")[0] == 0
-    code, _, err = zoo_cli("add", adapter_dir, "--name", "g")
-    assert code == 2 and "already exists" in err
+    code, out, err = zoo_cli("add", adapter_dir, "--name", "g")
+    assert code == 0 and out == "unchanged: g@1 already holds these files (nothing was added)\n", err
     assert len(json.loads(zoo_cli("list", "--json")[1])) == 1
 
 

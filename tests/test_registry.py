@@ -54,10 +54,9 @@ def test_add_measures_sizes_and_hashes(peft_adapter):
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
 
 
-def test_add_refuses_existing_name_and_keeps_the_first(peft_adapter):
+def test_add_of_the_same_files_keeps_the_first(peft_adapter):
     first = zoo.add(peft_adapter, name="tiny")
-    with pytest.raises(ZooError, match="already exists"):
-        zoo.add(peft_adapter, name="tiny")
+    assert zoo.add(peft_adapter, name="tiny", task="other") == first
     assert zoo.list_adapters() == [first]
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,93 @@ def test_list_fits_80_columns_on_a_terminal(monkeypatch):
     assert len(rows) == 12 and all(line.split()[1] == "1" and line.endswith("KB") for line in rows)  # whole: one line per row
     assert "minilm-sentiment-pfeiffer    1  bottleneck  pfeiffer ÷16" in lines[4]
     assert "not shown at this width: base, params" in lines[-1]
+
+
+# ---- item 6: documented defaults work; options that do not apply are refused ---------------------------
+
+
+def test_weighted_svd_defaults_to_the_members_largest_rank(llama, zoo_cli):
+    base, a, b = llama  # ranks 4 (q_proj, v_proj) and 2 (q_proj, o_proj)
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    code, out, err = zoo_cli("compose", "a+b", "--fusion", "weighted", "--name", "w")
+    assert code == 0, err
+    assert out.startswith("composed w@1 (weighted) from a+b")
+    from safetensors.torch import load_file
+
+    stored = load_file(zoo.api.adapter_folder(zoo.show("w")) / "adapter_model.safetensors")
+    ranks = {k: v.shape[0] for k, v in stored.items() if k.endswith("lora_A.weight")}
+    assert len(ranks) == 6 and all(r == (2 if "o_proj" in k else 4) for k, r in ranks.items())
+    explicit = zoo.compose("a+b", fusion="weighted", method="svd", rank=4, name="w4")
+    torch.testing.assert_close(zoo.load(base, adapters="w")(token_ids()).logits, zoo.load(base, adapters=explicit.name)(token_ids()).logits, atol=1e-5, rtol=0)
+    code, _, err = zoo_cli("compose", "a+b", "--fusion", "weighted", "--rank", "0", "--name", "w0")
+    assert code == 2 and err.startswith("error: --rank (rank=) must be positive, got 0")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "0.7,0.3"], "error: --weights (weights=) does not apply to --fusion stack — drop it, or use --fusion weighted"),
+    (["--train", "data.jsonl"], "error: --train (train=) does not apply to --fusion stack — drop it, or use --fusion attention"),
+    (["--fusion", "weighted", "--epochs", "3"], "error: --epochs (epochs=) does not apply to --fusion weighted — drop it, or use --fusion attention"),
+    (["--fusion", "attention", "--rank", "4"], "error: --rank (rank=) does not apply to --fusion attention — drop it, or use --fusion weighted"),
+])
+def test_compose_refuses_options_that_do_not_apply(llama, zoo_cli, args, message):
+    _, a, b = llama
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    code, _, err = zoo_cli("compose", "a+b", "--name", "x", *args)
+    assert code == 2 and err.startswith(message), err
+    assert [m.name for m in zoo.list_adapters()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapters", "a", "--fusion", "stack"], "error: --fusion stack (fusion=) combines several adapters; got one adapter (a)"),
+    (["--adapters", "a", "--fusion", "weighted"], "error: --fusion weighted (fusion=) combines several adapters; got one adapter (a)"),
+    (["--adapters", "a+b", "--rank", "4"], "error: --rank (rank=) applies only to --fusion weighted"),
+    (["--adapters", "a+b", "--method", "cat", "--fusion", "stack"], "error: --method (method=) applies only to --fusion weighted"),
+    (["--adapters", "a+b", "--weights", "1,2"], "error: --weights (weights=) applies only to --fusion weighted"),
+])
+def test_run_refuses_options_that_do_not_apply(llama, zoo_cli, args, message):
+    base, a, b = llama
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    code, _, err = zoo_cli("run", base, "-p", "hi", *args)
+    assert code == 2 and err.startswith(message), err
+
+
+def test_merge_warns_when_the_adapter_names_another_base(llama, zoo_cli, tmp_path):
+    base, a, _ = llama
+    config = json.loads((a / "adapter_config.json").read_text())
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    (named / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes())
+    zoo.add(named, name="a")
+    with pytest.warns(UserWarning) as caught:
+        assert zoo_cli("merge", "a", "--base", base, "--out", tmp_path / "out")[0] == 0
+    assert [str(w.message) for w in caught] == [f"a was trained on 'meta-llama/Llama-3.2-1B', and '{base}' does not look like it: merging anyway, check it is that model"]
+    (tmp_path / "llama-3.2-1b").symlink_to(base)  # a folder that names it: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert zoo_cli("merge", "a", "--base", tmp_path / "llama-3.2-1b", "--out", tmp_path / "out2")[0] == 0
+
+
+# ---- item 6: a new version from the CLI ----------------------------------------------------------------
+
+
+def test_add_of_changed_files_makes_the_next_version(llama, zoo_cli, tmp_path):
+    base, a, b = llama
+    import shutil
+
+    folder = tmp_path / "sql"
+    shutil.copytree(a, folder)
+    assert zoo_cli("add", folder, "--name", "sql")[1].startswith("added sql@1: lora r=4")
+    assert zoo_cli("add", folder, "--name", "sql")[1] == "unchanged: sql@1 already holds these files (nothing was added)\n"
+    make_peft_adapter(tiny_llama(), folder, seed=7, r=4, target_modules=["q_proj", "v_proj"])  # retrained
+    code, out, err = zoo_cli("add", folder, "--name", "sql")
+    assert code == 0 and out.startswith("added sql@2: lora r=4"), err
+    assert [m.ref for m in zoo.list_adapters()] == ["sql@1", "sql@2"] and zoo.show("sql").version == 2
+    assert zoo.show("sql@1").weights.sha256 != zoo.show("sql@2").weights.sha256
+    zoo.add(b, name="b")
+    zoo.compose("sql+b", fusion="stack", name="both")
+    code, _, err = zoo_cli("add", folder, "--name", "both")  # a composition's name: another kind of entry
+    assert code == 2 and "already exists" in err

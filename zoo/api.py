@@ -91,7 +91,8 @@ def add(
 ) -> AdapterManifest:
     """Import an adapter folder (written by PEFT or AdapterHub) into the store and register it.
 
-    Sizes, ranks and hashes are measured from the files. A name that already exists is refused.
+    Sizes, ranks and hashes are measured from the files. Under a name that exists, changed files become
+    the next version (`name@2`); the same files as the latest version change nothing and return it.
 
     Example:
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP
@@ -105,8 +106,16 @@ def add(
     if (folder / FUSION_CONFIG_NAME).is_file():
         from zoo.composition import register_fusion_folder
 
-        return register_fusion_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, registry=registry)
-    return register_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, registry=registry)
+        return register_fusion_folder(folder, name=entry_name(folder, name), source=source, task=task, tags=tags, allow_pickle=allow_pickle, registry=registry)
+    return register_folder(
+        folder, name=entry_name(folder, name), source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base,
+        new_version=True, registry=registry,
+    )
+
+
+def entry_name(path: PathLike, name: str | None = None) -> str:
+    """The registry name `add` gives a folder: `name`, else the folder's own name."""
+    return Path(path).resolve().name if name is None else name
 
 
 def register_folder(
@@ -121,13 +130,14 @@ def register_folder(
     base: PathLike | None = None,
     base_model: BaseModelRef | None = None,
     new_version_of_same_source: bool = False,
+    new_version: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
     """Store an adapter folder's files and register them under `name` (see `add` and `register`);
     `base_model` replaces the base the folder records (a composition's is its members')."""
     name = check_name(name)
     reg = open_registry(registry)
-    if reg.versions(name) and not new_version_of_same_source:
+    if reg.versions(name) and not (new_version_of_same_source or new_version):
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
@@ -150,7 +160,7 @@ def register_folder(
         license=license,
         extra_config=adapter.unknown_keys,
     )
-    return register(manifest, new_version_of_same_source=new_version_of_same_source, registry=registry)
+    return register(manifest, new_version_of_same_source=new_version_of_same_source, new_version=new_version, registry=registry)
 
 
 def _base_config(base: PathLike | None) -> dict | None:
@@ -163,13 +173,21 @@ def _base_config(base: PathLike | None) -> dict | None:
     return read_json_config(path / "config.json" if path.is_dir() else path, "config.json")
 
 
-def register(manifest: Manifest, *, new_version_of_same_source: bool = False, registry: PathLike | None = None) -> Manifest:
+def register(manifest: Manifest, *, new_version_of_same_source: bool = False, new_version: bool = False, registry: PathLike | None = None) -> Manifest:
     """Add a manifest whose files are already in the store; refuses a name that exists, unless
     `new_version_of_same_source` and every version of that name came from the same Hub repo or local
-    folder: then it becomes the next version (decided under the registry lock)."""
+    folder, or `new_version` and every version is of the same kind: then it becomes the next version
+    (decided under the registry lock). With `new_version`, the same files as the latest version register
+    nothing: the latest version is returned."""
     with open_registry(registry).transaction() as adapters:
         same = [m for m in adapters if m.name == manifest.name]
-        if same and not (new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)):
+        latest = max(same, key=lambda m: m.version, default=None)
+        if new_version and latest is not None and latest.kind == manifest.kind and _files(latest) == _files(manifest):
+            return latest
+        if same and not (
+            new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)
+            or new_version and all(m.kind == manifest.kind for m in same)
+        ):
             other = " from another source" if new_version_of_same_source else ""
             raise ZooError(f"an adapter named {manifest.name!r} already exists{other}", "pick another --name, or `zoo remove` it first")
         if same:
@@ -177,6 +195,10 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
         adapters.append(manifest)
     open_store().adapter_dir(manifest)
     return manifest
+
+
+def _files(m: Manifest) -> set[tuple[str, str]]:
+    return {(f.path, f.sha256) for f in m.files}
 
 
 def _same_origin(a: Source, b: Source) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     import torch
 
 FUSIONS = ("stack", "weighted", "attention")
+#: What each fusion takes beyond name, task and tags: any other option given is refused, never ignored.
+FUSION_OPTIONS = {
+    "stack": (),
+    "weighted": ("weights", "method", "rank", "density", "seed"),
+    "attention": ("base", "train", "epochs", "lr", "batch_size", "drop_train", "prune_below", "temperature", "seed"),
+}
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
@@ -73,13 +80,14 @@ def combine_adapters(
     """One adapter computing the weighted combination of `adapters`: IA3 adapters give one IA3 vector set
     (l = Σ wᵢ·lᵢ, peft's rule); LoRA and AdaLoRA adapters one LoRA, module by module.
 
-    Each module combines the adapters that target it. The LoRA result has scaling 1 everywhere
+    Each module combines the adapters that target it; the svd methods' `rank` defaults to the largest
+    rank among them (peft's `svd_rank` default). The LoRA result has scaling 1 everywhere
     (lora_alpha = r, per-module rank/alpha patterns where ranks differ), as peft's
     `add_weighted_adapter` writes it — but without peft's rsLoRA slip (#3761).
     """
     import torch
 
-    from compose.lora.weighted import LoraFactors, combine
+    from compose.lora.weighted import SVD_METHODS, LoraFactors, combine
 
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
@@ -90,6 +98,8 @@ def combine_adapters(
             raise ZooError("IA3 vectors combine linearly (l = Σ wᵢ·lᵢ, peft's rule)", "drop method/rank/density for IA3 adapters")
         return _combine_ia3(adapters, weights, name)
     method = method or "svd"
+    if rank is not None and rank < 1:
+        raise ZooError(f"--rank (rank=) must be positive, got {rank}", "leave it out for the members' largest rank")
     adapters = [as_lora(a) for a in adapters]
     check_members(adapters)
     for a in adapters:
@@ -105,8 +115,9 @@ def combine_adapters(
     for module in modules:
         present = [(i, mods[module]) for i, mods in enumerate(per_adapter) if module in mods]
         factors = [LoraFactors(A, B, adapters[i].config.scaling_for(module)) for i, (A, B) in present]
+        module_rank = max(f.A.shape[0] for f in factors) if rank is None and method in SVD_METHODS else rank  # peft's svd_rank default
         try:
-            A, B = combine(factors, [weights[i] for i, _ in present], method, rank=rank, density=density, generator=generator)
+            A, B = combine(factors, [weights[i] for i, _ in present], method, rank=module_rank, density=density, generator=generator)
         except CompositionError as e:
             raise ZooError(f"module {module} ({', '.join(adapters[i].name for i, _ in present)}): {e}") from None
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A, B
@@ -186,6 +197,12 @@ def compose(
     check_name(name)
     if fusion not in FUSIONS:
         raise ZooError(f"unknown fusion {fusion!r}", f"use one of {', '.join(FUSIONS)}")
+    given = dict(weights=weights, method=method, rank=rank, density=density, seed=seed, base=base, train=train, epochs=epochs, lr=lr,
+                 batch_size=batch_size, drop_train=drop_train, prune_below=prune_below, temperature=temperature)
+    defaults = {k: p.default for k, p in signature(compose).parameters.items()}
+    if stray := [option for option, value in given.items() if value != defaults[option] and option not in FUSION_OPTIONS[fusion]]:
+        takers = [f for f in FUSIONS if stray[0] in FUSION_OPTIONS[f]]
+        raise ZooError(f"--{stray[0].replace('_', '-')} ({stray[0]}=) does not apply to --fusion {fusion}", f"drop it, or use --fusion {takers[0]}")
     if open_registry(registry).versions(name):
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
     resolved = resolve(adapters, registry=registry)

@@ -235,8 +235,11 @@ def load(
     resolved = resolve(adapters, registry=registry, allow_pickle=allow_pickle) if adapters else Resolved()
     if fusion not in (None, "stack", "weighted", "attention"):
         raise ZooError(f"unknown fusion {fusion!r}", "use stack, weighted or attention")
-    if fusion in ("weighted", "attention") and not resolved.adapters:
-        raise ZooError(f"fusion {fusion!r} has no adapters to combine", "pass adapters, e.g. adapters='a+b' (--adapters a+b)")
+    if fusion and len(resolved.adapters) < 2 and not resolved.fusion:
+        got = f"one adapter ({resolved.adapters[0].name})" if resolved.adapters else "no adapters"
+        raise ZooError(f"--fusion {fusion} (fusion=) combines several adapters; got {got}", "drop it, or pass several: --adapters a+b (adapters='a+b')")
+    if fusion != "weighted" and (stray := next((k for k, v in dict(weights=weights, method=method, rank=rank, density=density).items() if v is not None), None)):
+        raise ZooError(f"--{stray} ({stray}=) applies only to --fusion weighted (fusion='weighted')", "drop it, or add --fusion weighted")
     check_composition(
         [(a.name, a.config.method) for a in resolved.adapters],
         fusion="attention" if resolved.fusion else fusion, merge=merge, drop=drop,
@@ -245,8 +248,6 @@ def load(
         from zoo.composition import combine_adapters
 
         resolved.adapters = [combine_adapters(resolved.adapters, weights, method=method, rank=rank, density=density, seed=seed)]
-    elif weights is not None:
-        raise ZooError("weights only apply to fusion='weighted'")
     if fusion == "attention" and resolved.fusion is None:
         resolved.fusion = ("fusion", FusionConfig(members=[a.name for a in resolved.adapters]), None)
     if quantize:
@@ -285,7 +286,7 @@ def load(
         set_drop(model, drop)
     if merge:
         if resolved.fusion or drop:
-            raise ZooError("merge=True folds plain LoRA deltas; a fusion or AdapterDrop cannot be merged into weights")
+            raise ZooError("--merge (merge=True) folds plain LoRA deltas; a fusion or AdapterDrop cannot be merged into weights", "drop --merge")
         model.zoo_merge_errors = merge_in_memory(model)
     return model.eval()
 

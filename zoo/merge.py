@@ -9,6 +9,9 @@ Torch loads only when a merge runs, so the CLI can import this module at start-u
 from __future__ import annotations
 
 import os
+import re
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compose.lora.config import LoraConfig
@@ -104,11 +107,26 @@ def merge_adapters(
         raise ZooError(f"IA3 adapter '{scaled[0]}' scales weights rather than adding a delta; the streaming merge adds LoRA deltas only",
                        "merge it in memory: zoo.load(base, adapters, merge=True).save_pretrained(out)")
     resolved.adapters = [as_lora(a) for a in resolved.adapters]
+    for a in resolved.adapters:
+        if a.base_model and not names_base(a.base_model, base):
+            warnings.warn(f"{a.name} was trained on {a.base_model!r}, and {os.fspath(base)!r} does not look like it: merging anyway, check it is that model")
     dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     if dtype is not None and dtype not in dtypes and dtype not in dtypes.values():
         raise ZooError(f"unknown dtype {dtype!r}", "use fp32, bf16 or fp16")
     return merge([(a.config, a.state) for a in resolved.adapters], base=base, out=out, dtype=dtypes.get(dtype, dtype),
                  quantize=quantize, dequantize=dequantize, progress=progress)
+
+
+def names_base(recorded: str, folder: PathLike) -> bool:
+    """Whether `folder` is plausibly the base an adapter records: the same folder, or one whose path names the
+    recorded Hub repo (its name in a folder name, ignoring case and '-', '_', '.'; or the Hub cache's
+    `models--org--name`). Shapes that do not fit fail anyway; this catches a same-shaped other model."""
+    if Path(recorded).is_dir():
+        return Path(recorded).resolve() == Path(folder).resolve()
+    folder = Path(folder).absolute()  # as the user named it: a link named after the model counts
+    squash = lambda text: re.sub(r"[-_.]", "", text.lower())  # noqa: E731
+    repo = squash(recorded.rstrip("/").rsplit("/", 1)[-1])
+    return bool(repo) and (any(repo in squash(part) for part in folder.parts[-4:]) or "models--" + recorded.replace("/", "--") in folder.parts)
 
 
 def lora_deltas(adapters: list[tuple[LoraConfig, dict[str, torch.Tensor]]]) -> dict:

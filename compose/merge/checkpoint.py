@@ -96,7 +96,7 @@ def merge_checkpoint(
     if quantize not in (None, *QUANT_TYPES):
         raise CompositionError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_TYPES)}")
     if dequantize and quantize is None:
-        raise CompositionError("dequantize=True needs quantize= (the quantization the adapter was trained on)")
+        raise CompositionError("dequantizing needs the quantization the adapter was trained on (--quantize / quantize=)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CompositionError(f"{out_dir} exists and is not empty; merge into a new folder")
     if isinstance(dtype, str):
@@ -106,7 +106,7 @@ def merge_checkpoint(
     layout = read_layout(base_dir)
     config = json.loads((base_dir / CONFIG_NAME).read_text()) if (base_dir / CONFIG_NAME).is_file() else {}
     if "quantization_config" in config:
-        raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base with quantize=")
+        raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base, naming the quantization (--quantize / quantize=)")
     shapes = _shapes(base_dir, layout.shards)
     conv1d, quantized = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
     targets = _targets(deltas, shapes, conv1d)
@@ -221,7 +221,7 @@ def _structure(
     model = _meta_model(config)
     if model is None:
         if quantize:
-            raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantize=")
+            raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantizing (no --quantize / quantize=)")
         return None, set()
     from transformers.pytorch_utils import Conv1D
 

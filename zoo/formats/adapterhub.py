@@ -235,7 +235,7 @@ def _prefix(cfg: dict[str, Any], state: dict[str, torch.Tensor], model_config: A
     if cfg.get("leave_out"):
         raise ZooError(f"{where}: a prefix with leave_out={cfg['leave_out']} is not supported yet", "the engine prefixes every layer")
     if model_config is None:
-        raise ZooError(f"{where}: AdapterHub prefix tuning does not record the attention layout", "pass model_config= (the base model's config) to import it")
+        raise ZooError(f"{where}: AdapterHub prefix tuning does not record the attention layout", "pass the base model's folder or config.json: `zoo add --base PATH` (zoo.add(..., base=PATH))")
     mc = model_config if isinstance(model_config, dict) else model_config.to_dict()
     heads = mc.get("num_attention_heads") or mc.get("n_head")
     kv_heads = mc.get("num_key_value_heads") or heads
