@@ -8,6 +8,7 @@ machine-readable output.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        import zoo
+
+        try:
+            installed = version("adapter-zoo")
+        except PackageNotFoundError:  # run from a checkout without `pip install -e`
+            installed = zoo.__version__
+        typer.echo(f"zoo {installed}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """A model-zoo registry and composition tool for parameter-efficient adapters."""
+
 
 RegistryOpt = Annotated[
     Optional[Path],
@@ -358,9 +380,9 @@ def merge(
     from rich.table import Table
 
     c = console()
-    c.print(
+    typer.echo(  # one line, never wrapped: paths are long
         f"merged {adapters} into {base} → {out}: {len(report.modules)} modules in {len(report.shards)} shard(s), "
-        f"{human_bytes(report.bytes_written)} written in {report.seconds:.1f} s, peak memory {human_bytes(report.peak_rss_bytes)}"
+        f"{human_bytes(report.bytes_written)} written in {report.seconds:.1f} s, {_merge_memory(report, base)}"
     )
     if quantize or dtype:
         what = f"{quantize} requantization" if quantize and not dequantize else f"cast to {dtype or 'the base dtype'}"
@@ -370,6 +392,16 @@ def merge(
         for path, m in report.modules.items():
             table.add_row(path, f"{m.error.max_abs:.2e}", f"{m.error.mean_abs:.2e}")
         c.print(table)
+
+
+def _merge_memory(report, base: Path) -> str:
+    """What the merge added to the process's memory at its peak, beside the largest shard (as the docs measure)."""
+    from zoo.units import human_bytes
+
+    if report.extra_peak_bytes is None:
+        return f"peak memory of the process {human_bytes(report.peak_rss_bytes)} (imports included)"
+    largest = max((base / shard).stat().st_size for shard in report.shards)
+    return f"extra peak memory {human_bytes(report.extra_peak_bytes)} ({report.extra_peak_bytes / largest:.2f}× the largest shard)"
 
 
 @app.command()
@@ -431,9 +463,16 @@ def _floats(text: str, option: str) -> list[float]:
 from cli.hub import register_hub_commands; register_hub_commands(app)  # noqa: E402,E702  (pull, push, search)
 
 
+def _no_kernel_hub_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes logs on every import, on CPUs with AVX512-BF16, that its optional kernel from the Hub did not
+    load; its built-in kernel computes the same, so the line only alarms. (transformers' load report: zoo.bases.)"""
+    return "kernels-community" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernel_hub_notice)
     try:
         code = app(args=argv, prog_name="zoo", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here

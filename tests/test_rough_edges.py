@@ -248,3 +248,64 @@ def test_add_of_changed_files_makes_the_next_version(llama, zoo_cli, tmp_path):
     zoo.compose("sql+b", fusion="stack", name="both")
     code, _, err = zoo_cli("add", folder, "--name", "both")  # a composition's name: another kind of entry
     assert code == 2 and "already exists" in err
+
+
+# ---- item 6: what transformers and bitsandbytes print, a base without a tokenizer ---------------------------
+
+
+def test_run_on_a_base_without_tokenizer_files_is_one_line(llama, zoo_cli):
+    base, _, _ = llama
+    code, out, err = zoo_cli("run", base, "-p", "hi")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err + out
+    assert err.startswith(f"error: cannot load the tokenizer of base model '{base}': the folder has no tokenizer files — put them beside its config.json")
+
+
+def test_load_report_is_one_line_on_what_matters(tmp_path):
+    from tests.tiny import tiny_bert
+
+    tiny_llama(causal=False).save_pretrained(tmp_path / "headless")
+    adapter = make_peft_adapter(tiny_llama(), tmp_path / "causal", r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.warns(UserWarning) as caught:
+        zoo.load(tmp_path / "headless", adapters=[str(adapter)])
+    assert [str(w.message) for w in caught] == [
+        f"LlamaForCausalLM: 1 weight not in the checkpoint, initialised at random (lm_head.weight) (transformers' load report of '{tmp_path / 'headless'}')"
+    ]
+    tiny_bert(num_labels=None).save_pretrained(tmp_path / "bert")  # the classifier comes with the adapter: nothing to say
+    head = make_peft_adapter(tiny_bert(num_labels=5), tmp_path / "cls", r=2, target_modules=["query"], task_type="SEQ_CLS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert type(zoo.load(tmp_path / "bert", adapters=[str(head)])).__name__ == "BertForSequenceClassification"
+
+
+def test_bitsandbytes_hub_kernel_notice_is_not_shown(zoo_cli, caplog):
+    import logging
+
+    assert zoo_cli("--version")[1].startswith("zoo ")  # the CLI set up its output
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "untrusted")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+# ---- item 6: --version, merged folders, the memory merge reports ----------------------------------------------
+
+
+def test_version(zoo_cli):
+    assert zoo_cli("--version") == (0, f"zoo {zoo.__version__}\n", "")
+
+
+def test_merged_folder_follows_the_umask_and_memory_says_what_it_measures(llama, zoo_cli, tmp_path):
+    base, a, _ = llama
+    zoo.add(a, name="a")
+    old = os.umask(0o022)
+    try:
+        code, out, err = zoo_cli("merge", "a", "--base", base, "--out", tmp_path / "merged")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "merged").iterdir())
+    assert "extra peak memory " in out and "× the largest shard)" in out and "peak memory of the process" not in out
+    report = json.loads(zoo_cli("merge", "a", "--base", base, "--out", tmp_path / "again", "--json")[1])
+    assert report["extra_peak_bytes"] == report["peak_rss_bytes"] - report["start_rss_bytes"] >= 0

@@ -1,4 +1,5 @@
-"""Where a base model comes from: a local folder, or a Hub repo checked once, quickly, before loading.
+"""Where a base model comes from: a local folder, or a Hub repo checked once, quickly, before loading;
+its tokenizer, whose absence is one line too; and transformers' load report, cut to the line that matters.
 
 transformers fetches a Hub base file by file, and the Hub client retries each request with back-off: an
 unreachable Hub or a typo in an id costs minutes and screens of retries before the error. One metadata
@@ -7,8 +8,14 @@ request with a short timeout answers first, in one line that names the fix.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from zoo.errors import ZooError
 
@@ -73,3 +80,67 @@ def _offline_hint(repo_id: str, revision: str | None) -> str:
     if isinstance(cached, str):
         return "it is in your cache: set HF_HUB_OFFLINE=1 to use it without the network"
     return "check the network or HF_ENDPOINT, or pass a local folder (`hf download` it where the Hub is reachable)"
+
+
+def load_tokenizer(base: PathLike, *, trust_remote_code: bool = False) -> Any:
+    """The base's tokenizer (`AutoTokenizer`), or a one-line `ZooError` when the base has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:  # no tokenizer files; a vocabulary whose converter is not installed
+        folder = Path(base)
+        files = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if folder.is_dir() and not any(n.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "merges")) for n in files):
+            why = "the folder has no tokenizer files"
+        raise ZooError(
+            f"cannot load the tokenizer of base model {os.fspath(base)!r}: {why}",
+            "put them beside its config.json (tokenizer.json, or tokenizer_config.json and its vocabulary): tokenizer.save_pretrained(FOLDER)",
+        ) from None
+
+
+#: What transformers' LOAD REPORT table says of a weight (one row per weight or group of layers).
+_STATUS_WORDS = {"MISSING": "not in the checkpoint, initialised at random", "MISMATCH": "of another shape in the checkpoint"}
+
+
+@contextmanager
+def load_report(base: PathLike, *, supplied: Iterable[str] = ()) -> Iterator[list[str]]:
+    """Turn transformers' LOAD REPORT (a table of every weight the checkpoint lacks, leaves unused or shapes
+    otherwise: 50 lines when a head is swapped) into one warning naming the weights that matter: those left
+    at random or mismatched, except under `supplied` modules (an adapter's saved `modules_to_save`). Unused
+    checkpoint weights (a head the class does not have) do not matter. When loading fails, nothing is
+    printed: the yielded list then holds the summary, for the error to say."""
+    reports: list[str] = []
+    summaries: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" not in str(record.msg):
+            return True
+        reports.append(record.getMessage())
+        return False
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(keep)
+    try:
+        yield summaries
+    finally:
+        logger.removeFilter(keep)
+        summaries += [s for s in (_report_summary(r, tuple(supplied)) for r in reports) if s]
+    for summary in summaries:
+        warnings.warn(f"{summary} (transformers' load report of {os.fspath(base)!r})", stacklevel=3)
+
+
+def _report_summary(report: str, supplied: tuple[str, ...]) -> str:
+    report = re.sub(r"\x1b\[[0-9;]*m", "", report)
+    rows: dict[str, list[str]] = {status: [] for status in _STATUS_WORDS}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) >= 2 and cells[1] in rows and not any(cells[0] == m or cells[0].startswith(m + ".") or f".{m}." in cells[0] for m in supplied):
+            rows[cells[1]].append(cells[0])
+    found = "; ".join(
+        f"{len(keys)} weight{'s' if len(keys) > 1 else ''} {_STATUS_WORDS[status]} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+        for status, keys in rows.items() if keys
+    )
+    model = re.search(r"(\w+) LOAD REPORT", report)
+    return f"{model.group(1) if model else 'the model'}: {found}" if found else ""

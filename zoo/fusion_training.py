@@ -99,13 +99,12 @@ def build_fusion(
     config = FusionConfig(members=[m.name for m in members], temperature=temperature)
     attach_fusion(model, "fusion", config, seed=seed)
     if train:
-        from transformers import AutoTokenizer
-
         from compose.fusion.train import train_fusion
+        from zoo.bases import load_tokenizer
 
         rows = read_jsonl(train)
         objective = _objective(model, rows)
-        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # load_base refused remote code
+        tokenizer = load_tokenizer(base)  # load_base refused remote code
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batches = _batches(rows, tokenizer, objective, batch_size)

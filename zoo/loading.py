@@ -151,14 +151,15 @@ def _config_model_class(base: PathLike, revision: str | None) -> str | None:
 
 def load_base(
     base: PathLike, *, task_type: str | None = None, architecture: str | None = None, model_class: Any = None,
-    trust_remote_code: bool = False, **kwargs: Any,
+    trust_remote_code: bool = False, supplied: Iterable[str] = (), **kwargs: Any,
 ) -> torch.nn.Module:
     """`from_pretrained` with the class the adapter was trained on: its task type, else its recorded architecture,
     else the base's own (`architectures[0]` of its config.json), each only if transformers defines it.
-    A base that needs its own code is refused unless `trust_remote_code=True` (never implied)."""
+    A base that needs its own code is refused unless `trust_remote_code=True` (never implied). transformers'
+    load report becomes one warning on the weights left at random, except under the `supplied` modules."""
     import transformers
 
-    from zoo.bases import check_base
+    from zoo.bases import check_base, load_report
     from zoo.safety import refuse_remote_code
 
     if Path(base).is_dir() and not (Path(base) / "config.json").is_file() and (Path(base) / "adapter_config.json").is_file():
@@ -173,8 +174,15 @@ def load_base(
             or _config_model_class(base, kwargs.get("revision")) or "AutoModel"
         )
         model_class = getattr(transformers, name)
+    report: list[str] = []
     try:
-        return model_class.from_pretrained(base, **kwargs)
+        with load_report(base, supplied=supplied) as report:
+            return model_class.from_pretrained(base, **kwargs)
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ZooError(f"cannot load base model {str(base)!r} as {model_class.__name__}: {'; '.join(report) or str(e).splitlines()[0]}",
+                       "the adapter was trained on another model (or head size)") from None
     except OSError as e:
         raise ZooError(f"cannot load base model {str(base)!r}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
@@ -265,7 +273,8 @@ def load(
                 kwargs["num_labels"] = n
         model = load_base(
             base, task_type=first and first.task_type, architecture=first and first.architecture, model_class=model_class,
-            trust_remote_code=trust_remote_code, **kwargs, **from_pretrained_kwargs,
+            trust_remote_code=trust_remote_code, supplied=[m for a in resolved.adapters for m in getattr(a.config, "modules_to_save", None) or []],
+            **kwargs, **from_pretrained_kwargs,
         )
     for adapter in resolved.adapters:
         attach(model, adapter.name, adapter.config, adapter.state)

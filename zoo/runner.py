@@ -12,10 +12,9 @@ from zoo.api import PathLike
 def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, registry: PathLike | None = None, **load_kwargs: Any) -> dict[str, Any]:
     """Run `prompts` through `zoo.load(base, **load_kwargs)`; returns what was generated or the similarity matrix."""
     import torch
-    from transformers import AutoTokenizer
 
     from compose.objectives import mean_pool
-    from zoo.bases import check_base
+    from zoo.bases import check_base, load_tokenizer
     from zoo.loading import load
     from zoo.safety import refuse_remote_code
 
@@ -23,8 +22,8 @@ def run_prompts(base: str, prompts: list[str], *, max_new_tokens: int = 32, regi
     trust_remote_code = load_kwargs.pop("trust_remote_code", False)
     check_base(base, revision=load_kwargs.get("revision"))
     refuse_remote_code(base, trust_remote_code, files=("config.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)  # first: it is quicker to miss than the model
     model = load(base, adapters, registry=registry, trust_remote_code=trust_remote_code, **load_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     start = time.perf_counter()
     with torch.no_grad():
         if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):

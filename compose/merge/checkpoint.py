@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -91,7 +91,7 @@ def merge_checkpoint(
             quantized, or its model type is unknown (with `quantize`); a module of `deltas` is not in the
             checkpoint or its delta's shape does not fit the weight.
     """
-    start, start_peak = time.perf_counter(), _peak_rss()
+    start = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if quantize not in (None, *QUANT_TYPES):
         raise CompositionError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_TYPES)}")
@@ -113,9 +113,10 @@ def merge_checkpoint(
     conv1d = conv1d or set()
 
     report = MergeReport(out_dir=out_dir, shards=layout.shards, dtype=dtype and str(dtype).removeprefix("torch."),
-                         quantize=quantize, dequantize=dequantize, start_peak_rss_bytes=start_peak)
+                         quantize=quantize, dequantize=dequantize, start_rss_bytes=_reset_peak_rss())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(6)}"
+    tmp.mkdir()  # as any new folder: the umask decides who may read it (mkdtemp would make it 0700)
     try:
         weight_map: dict[str, str] = {}
         for shard in layout.shards:
@@ -143,6 +144,8 @@ def merge_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.seconds, report.peak_rss_bytes = time.perf_counter() - start, _peak_rss()
+    if report.start_rss_bytes is not None:
+        report.extra_peak_bytes = report.peak_rss_bytes - report.start_rss_bytes
     return report
 
 
@@ -300,6 +303,16 @@ def _write_config_and_files(
 def _model_dtype(config: dict, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype the model is loaded in: `dtype`, else its config's, else fp32."""
     return dtype or getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset this process's peak (VmHWM) to its current resident memory and return that, so the peak at the
+    end says what the merge itself added; None where Linux's /proc/self/clear_refs is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
 
 
 def _peak_rss() -> int:

@@ -37,9 +37,9 @@ class ModuleReport:
 class MergeReport:
     """The outcome of `merge_checkpoint`.
 
-    `peak_rss_bytes` is the process's peak resident memory when the merge ended (imports included; the
-    merge's own peak if nothing before it in the process used more); `start_peak_rss_bytes` is the same
-    figure when the merge began, so a difference means the merge set a new peak.
+    `peak_rss_bytes` is the process's peak resident memory during the merge (imports included); on Linux
+    the peak is reset when the merge starts, `start_rss_bytes` is the resident memory then, and
+    `extra_peak_bytes` their difference: the memory the merge itself added at its peak (None elsewhere).
     """
 
     out_dir: Path
@@ -52,5 +52,6 @@ class MergeReport:
     quantize: str | None = None
     dequantize: bool = False
     seconds: float = 0.0
-    start_peak_rss_bytes: int = 0
+    start_rss_bytes: int | None = None
     peak_rss_bytes: int = 0
+    extra_peak_bytes: int | None = None
