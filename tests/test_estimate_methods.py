@@ -1,13 +1,11 @@
 """`estimate_adapter` for every method against real adapters: peft builds AdaLoRA, IA3, prefix, prompt
-and P-tuning adapters on tiny models; AdapterHub's own library (when its venv is here) builds
-bottleneck, prefix and MAM adapters; ChatGLM-6B P-tuning v2 against its public number."""
+and P-tuning adapters on tiny models; bottleneck, prefix and MAM sizes equal what AdapterHub's own library
+counted (recorded); ChatGLM-6B P-tuning v2 against its public number."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -215,9 +213,7 @@ def test_prompt_learning_equals_peft(bases, tmp_path, base_name):
 
 # ---- AdapterHub as the oracle: bottleneck, prefix, MAM -----------------------------------------------
 
-ADAPTERS_PYTHON = Path(os.environ.get("ZOO_ADAPTERS_PYTHON", "/work/venv-adapters/bin/python"))
-
-#: The tiny bases both sides build (the AdapterHub venv has its own transformers).
+#: The tiny bases AdapterHub's counts below were recorded on (built here from the same configs).
 ADAPTERHUB_BASES = {
     "bert": ("BertConfig", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
                                 max_position_embeddings=32, architectures=["BertModel"])),
@@ -228,18 +224,16 @@ ADAPTERHUB_BASES = {
     "t5": ("T5Config", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=4,
                             architectures=["T5Model"])),  # encoder-decoder: bottlenecks in both stacks, prefixes per attention kind
 }
-#: AdapterHub config (as built in its venv) → the same adapter asked of estimate.
+#: The AdapterHub config each count was recorded for → the same adapter asked of estimate.
 ADAPTERHUB_CASES = {
     "seq_bn": ("SeqBnConfig()", dict(method="bottleneck")),
     "double_seq_bn": ("DoubleSeqBnConfig(reduction_factor=4)", dict(method="bottleneck", variant="houlsby", reduction_factor=4)),
     "par_bn": ("ParBnConfig()", dict(method="bottleneck", variant="parallel")),
     "prefix_flat": ("PrefixTuningConfig(prefix_length=5, flat=True)", dict(method="prefix", num_virtual_tokens=5)),
     "mam": ("MAMConfig()", dict(method="mam")),
-    "mam_flat": ("ConfigUnion(PrefixTuningConfig(prefix_length=7, flat=True), ParBnConfig(reduction_factor=4))",
-                 dict(method="mam", num_virtual_tokens=7, prefix_projection=False, reduction_factor=4)),
 }
-#: What adapters 1.3.0 counted for those (unique parameters of the adapter), recorded from a real run,
-#: so the formulas stay checked where its venv is missing.
+#: What adapters 1.3.0 counted for those (unique parameters of the adapter), recorded from a real run of its
+#: library; the folders AdapterHub saved are checked by inspect and estimate in test_inspect_methods.py.
 ADAPTERHUB_COUNTS = {
     "bert/seq_bn": 324, "bert/double_seq_bn": 2208, "bert/par_bn": 2144, "bert/prefix_flat": 640, "bert/mam": 132032,
     "llama/seq_bn": 324, "llama/double_seq_bn": 2208, "llama/par_bn": 2144, "llama/prefix_flat": 320, "llama/mam": 80768,
@@ -247,69 +241,12 @@ ADAPTERHUB_COUNTS = {
     "t5/seq_bn": 486, "t5/double_seq_bn": 3312, "t5/par_bn": 3216,
 }
 
-_ADAPTERHUB_SCRIPT = """
-import json, sys
-from pathlib import Path
-import torch, adapters, transformers
-from adapters import ConfigUnion, DoubleSeqBnConfig, MAMConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig
-from safetensors.torch import save_file
-
-out, bases, cases = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-counts = {}
-for b, (config_class, kwargs) in bases.items():
-    config = getattr(transformers, config_class)(**kwargs)
-    for case, expression in cases.items():
-        torch.manual_seed(0)
-        model = getattr(transformers, config.architectures[0])(config)
-        adapters.init(model)
-        model.add_adapter("x", config=eval(expression))
-        folder = out / b / case
-        folder.mkdir(parents=True)
-        model.save_adapter(str(folder), "x", with_head=False)
-        # its pickle repeats the shared prefix pool under every layer; keep every name, as a plain converter would
-        state = torch.load(folder / "pytorch_adapter.bin")
-        save_file({k: v.clone().contiguous() for k, v in state.items()}, folder / "adapter.safetensors")
-        counts[f"{b}/{case}"] = sum(p.numel() for n, p in model.named_parameters() if ".x." in n)
-(out / "counts.json").write_text(json.dumps(counts))
-"""
-
-
 def _adapterhub_base(tmp: Path, name: str) -> Path:
     import transformers
 
     config_class, kwargs = ADAPTERHUB_BASES[name]
     getattr(transformers, config_class)(**kwargs).save_pretrained(tmp / name)
     return tmp / name
-
-
-@pytest.fixture(scope="module")
-def adapterhub_run(tmp_path_factory) -> tuple[Path, dict[str, int]]:
-    """Adapters saved by AdapterHub's own library, and its own parameter counts."""
-    if not ADAPTERS_PYTHON.is_file():
-        pytest.skip(f"no AdapterHub venv at {ADAPTERS_PYTHON} (set ZOO_ADAPTERS_PYTHON)")
-    out = tmp_path_factory.mktemp("adapterhub")
-    cases = {case: expression for case, (expression, _) in ADAPTERHUB_CASES.items()}
-    run = subprocess.run([str(ADAPTERS_PYTHON), "-c", _ADAPTERHUB_SCRIPT, str(out), json.dumps(ADAPTERHUB_BASES), json.dumps(cases)],
-                         check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    return out, json.loads((out / "counts.json").read_text())
-
-
-@pytest.mark.parametrize("base_name", list(ADAPTERHUB_BASES))
-def test_bottleneck_and_mam_equal_adapterhub(adapterhub_run, tmp_path, base_name):
-    out, counts = adapterhub_run
-    folder = _adapterhub_base(tmp_path, base_name)
-    for case, (_, options) in ADAPTERHUB_CASES.items():
-        real = counts[f"{base_name}/{case}"]
-        found = inspect_adapter(out / base_name / case)
-        assert found.trainable_params == real, case  # the pool's per-layer copies count once
-        assert found.method == options["method"], case
-        if base_name == "t5" and options["method"] != "bottleneck":  # T5 prefixes: encoder, decoder self and cross
-            assert len(found.modules) >= 3 and found.summary.num_virtual_tokens in (5, 7, 30)
-            continue
-        assert estimate_adapter(folder, **options).params == real, case
-        if f"{base_name}/{case}" in ADAPTERHUB_COUNTS:
-            assert ADAPTERHUB_COUNTS[f"{base_name}/{case}"] == real, case
 
 
 @pytest.mark.parametrize("key", list(ADAPTERHUB_COUNTS))
