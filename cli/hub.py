@@ -69,7 +69,9 @@ def search(
 ) -> None:
     """Find adapters of a base model on the Hub (repos tagged base_model:adapter:BASE)."""
     from zoo import hub
+    from zoo.bases import check_hub
 
+    check_hub()  # no answer: one line now, not the client's retries
     found = hub.search(base, method=method, limit=limit)
     if as_json:
         return _print_json(found)

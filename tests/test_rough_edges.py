@@ -78,7 +78,7 @@ def test_unreachable_hub_is_one_line_within_seconds(tmp_path):
     """No network: the client's retries (1+2+4+8+8 s per file) are not waited for."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    for args in (["run", "org/no-such-model", "-p", "hi"], ["compose", "a+b", "--name", "f", "--fusion", "attention"]):
+    for args in (["run", "org/no-such-model", "-p", "hi"], ["compose", "a+b", "--name", "f", "--fusion", "attention"], ["search", "--base", "org/x"]):
         if args[0] == "compose":  # members whose base is a Hub id, no --base
             subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-sentiment"), "--name", "a"], env=env, check=True, capture_output=True)
             subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-topic"), "--name", "b"], env=env, check=True, capture_output=True)
@@ -309,3 +309,33 @@ def test_merged_folder_follows_the_umask_and_memory_says_what_it_measures(llama,
     assert "extra peak memory " in out and "× the largest shard)" in out and "peak memory of the process" not in out
     report = json.loads(zoo_cli("merge", "a", "--base", base, "--out", tmp_path / "again", "--json")[1])
     assert report["extra_peak_bytes"] == report["peak_rss_bytes"] - report["start_rss_bytes"] >= 0
+
+
+# ---- item 6: the README's Python block runs as written ----------------------------------------------------
+
+
+def tiny_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer (tokenizer.json) whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "select name from users where id order by good bad movie".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>").save_pretrained(folder)
+
+
+def test_readme_python_block_runs_as_written(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    base = tiny_llama()
+    folder = tmp_path / "models" / "Llama-3.2-1B"
+    base.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    for seed, name in enumerate(["llama-sql", "a", "b", "sql", "poems", "chat"]):
+        zoo.add(make_peft_adapter(base, tmp_path / "adapters" / name, seed=seed, r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), name=name)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["select name from users", "good movie", "bad movie"] * 2))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert {"ab-weighted", "ab"} <= {m.name for m in zoo.list_adapters()} and (tmp_path / "merged" / "config.json").is_file()

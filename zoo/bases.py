@@ -61,10 +61,31 @@ def check_base(base: PathLike, *, revision: str | None = None) -> None:
         ) from None
     except HfHubHTTPError as e:
         raise ZooError(f"the Hub ({constants.ENDPOINT}) answered {_status(e)} for base model {text!r}", "retry later, or pass a local folder") from None
-    except Exception as e:  # the transport's own errors (no network, DNS, timeout): the client's classes vary by version
-        if not isinstance(e, OSError) and not type(e).__module__.startswith(("httpx", "httpcore")):
+    except Exception as e:
+        if not _unreachable(e):
             raise
         raise ZooError(f"cannot reach the Hub ({constants.ENDPOINT}) for base model {text!r}: {type(e).__name__}", _offline_hint(text, revision)) from None
+
+
+def check_hub() -> None:
+    """One request to the Hub's model list, without the client's retries: a one-line `ZooError` within seconds
+    when nothing answers (for `zoo search`; the client would retry for half a minute, logging each try)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().get(f"{constants.ENDPOINT}/api/models", params={"limit": 1}, timeout=PROBE_TIMEOUT_S)
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        raise ZooError(f"cannot reach the Hub ({constants.ENDPOINT}): {type(e).__name__}", "check the network or HF_ENDPOINT") from None
+
+
+def _unreachable(error: Exception) -> bool:
+    """The transport's own errors (no network, DNS, timeout): the client's classes vary by version."""
+    return isinstance(error, OSError) or type(error).__module__.startswith(("httpx", "httpcore"))
 
 
 def _status(error: Exception) -> str:
