@@ -71,12 +71,12 @@ def check_hub() -> None:
     """One request to the Hub's model list, without the client's retries: a one-line `ZooError` within seconds
     when nothing answers (for `zoo search`; the client would retry for half a minute, logging each try)."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     if constants.HF_HUB_OFFLINE:
         return
-    try:
-        get_session().get(f"{constants.ENDPOINT}/api/models", params={"limit": 1}, timeout=PROBE_TIMEOUT_S)
+    try:  # as the client asks (its token, if any, in the Authorization header)
+        get_session().get(f"{constants.ENDPOINT}/api/models", params={"limit": 1}, headers=build_hf_headers(), timeout=PROBE_TIMEOUT_S)
     except Exception as e:
         if not _unreachable(e):
             raise
