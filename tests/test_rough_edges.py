@@ -38,14 +38,15 @@ def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
 # ---- item 2: compositions keep their base's identity ----------------------------------------------
 
 
-@pytest.mark.parametrize("fusion", ["weighted", "stack"])
-def test_composition_keeps_the_members_architecture(llama, fusion):
+@pytest.mark.parametrize("fusion, members", [("weighted", ["a", "b"]), ("stack", ["c", "a"])])
+def test_composition_keeps_the_members_architecture(llama, tmp_path, fusion, members):
     base, a, b = llama
     zoo.add(a, name="a")
     zoo.add(b, name="b")
-    assert zoo.show("a").base_model.architecture == "LlamaForCausalLM"
+    zoo.add(make_peft_adapter(tiny_llama(), tmp_path / "c", r=2, target_modules=["k_proj"], task_type="CAUSAL_LM"), name="c")
+    assert zoo.show("a").base_model.architecture == "LlamaForCausalLM" and zoo.show("c").base_model.architecture is None
     extra = dict(method="svd", rank=16) if fusion == "weighted" else {}
-    ab = zoo.compose(["a", "b"], fusion=fusion, name="ab", **extra)
+    ab = zoo.compose(members, fusion=fusion, name="ab", **extra)  # each field from the first member that has it
     assert ab.base_model.architecture == "LlamaForCausalLM"
     model = zoo.load(base, adapters=["ab"])
     assert type(model).__name__ == "LlamaForCausalLM"
