@@ -23,13 +23,26 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 
 
+def tiny_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer (tokenizer.json) whose ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "select name from users where id order by good bad movie".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>").save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A saved LlamaForCausalLM (no tokenizer) and two LoRAs of it saved without a task type (peft then
+    """A saved LlamaForCausalLM with a tokenizer, and two LoRAs of it saved without a task type (peft then
     records the class in auto_mapping)."""
     root = tmp_path_factory.mktemp("llama")
     base = tiny_llama()
     base.save_pretrained(root / "base")
+    tiny_tokenizer(root / "base")
     a = make_peft_adapter(base, root / "a", seed=1, r=4, target_modules=["q_proj", "v_proj"])
     b = make_peft_adapter(base, root / "b", seed=2, r=2, target_modules=["q_proj", "o_proj"])
     return root / "base", a, b
@@ -79,10 +92,9 @@ def test_unreachable_hub_is_one_line_within_seconds(tmp_path):
     """No network: the client's retries (1+2+4+8+8 s per file) are not waited for."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    zoo.add(REPO / "examples" / "adapters" / "minilm-sentiment", name="a")  # members whose base is a Hub id: compose without --base
+    zoo.add(REPO / "examples" / "adapters" / "minilm-topic", name="b")
     for args in (["run", "org/no-such-model", "-p", "hi"], ["compose", "a+b", "--name", "f", "--fusion", "attention"], ["search", "--base", "org/x"]):
-        if args[0] == "compose":  # members whose base is a Hub id, no --base
-            subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-sentiment"), "--name", "a"], env=env, check=True, capture_output=True)
-            subprocess.run([sys.executable, "-m", "cli.main", "add", str(REPO / "examples" / "adapters" / "minilm-topic"), "--name", "b"], env=env, check=True, capture_output=True)
         start = time.perf_counter()
         run = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=60)
         assert time.perf_counter() - start < 20
@@ -254,8 +266,9 @@ def test_add_of_changed_files_makes_the_next_version(llama, zoo_cli, tmp_path):
 # ---- item 6: what transformers and bitsandbytes print, a base without a tokenizer ---------------------------
 
 
-def test_run_on_a_base_without_tokenizer_files_is_one_line(llama, zoo_cli):
-    base, _, _ = llama
+def test_run_on_a_base_without_tokenizer_files_is_one_line(zoo_cli, tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
     code, out, err = zoo_cli("run", base, "-p", "hi")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err + out
     assert err.startswith(f"error: cannot load the tokenizer of base model '{base}': the folder has no tokenizer files — put them beside its config.json")
@@ -313,18 +326,6 @@ def test_merged_folder_follows_the_umask_and_memory_says_what_it_measures(llama,
 
 
 # ---- item 6: the README's Python block runs as written ----------------------------------------------------
-
-
-def tiny_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer (tokenizer.json) whose ids fit the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "select name from users where id order by good bad movie".split()
-    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>").save_pretrained(folder)
 
 
 def test_readme_python_block_runs_as_written(tmp_path, monkeypatch):
