@@ -197,7 +197,7 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
     """Add a manifest whose files are already in the store; refuses a name that exists, unless
     `new_version_of_same_source` and every version of that name came from the same Hub repo or local
     folder: then it becomes the next version (decided under the registry lock)."""
-    store, linked = open_store(), None
+    store, linking = open_store(), False
     try:
         with _deferred_signals(), open_registry(registry).transaction() as adapters:
             same = [m for m in adapters if m.name == manifest.name]
@@ -208,10 +208,11 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
                 manifest = manifest.model_copy(update={"version": max(m.version for m in same) + 1})
             # blobs, then the folder of links, then the row: the row is the commit, and never names a folder
             # or a blob that is not there; a failure before it leaves no entry (the folder is taken back)
-            linked = store.adapter_dir(manifest)
+            linking = True
+            store.adapter_dir(manifest)
             adapters.append(manifest)
     except BaseException as e:
-        if linked is not None:
+        if linking:
             store.drop_adapter_dir(manifest)
         if isinstance(e, OSError) and (full := no_space(e, store.root)) is not e:
             raise full from None

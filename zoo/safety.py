@@ -84,8 +84,8 @@ def _outside(folder: Path, name: str) -> ZooError:
 
 
 def copy_inside(folder: Path, names: Iterable[str], dest: Path) -> list[str]:
-    """Copy the files `names` of `folder` that exist into `dest` (opened once each by `open_inside`, fsynced);
-    returns the names copied. What is parsed, hashed and stored afterwards is this copy, never the folder."""
+    """Copy the files `names` of `folder` that exist into `dest` (opened once each by `open_inside`); returns
+    the names copied (the store fsyncs what it keeps). What is parsed, hashed and stored afterwards is this copy, never the folder."""
     copied = []
     for name in names:
         fd = open_inside(Path(folder), name)
@@ -94,7 +94,6 @@ def copy_inside(folder: Path, names: Iterable[str], dest: Path) -> list[str]:
         with os.fdopen(fd, "rb") as f, open(dest / name, "xb") as out:
             while os.sendfile(out.fileno(), f.fileno(), None, 1 << 30):  # in the kernel: no buffer here
                 pass
-            os.fsync(out.fileno())
         copied.append(name)
     return copied
 
