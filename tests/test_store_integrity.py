@@ -147,8 +147,8 @@ def test_add_stores_exactly_what_it_parsed_and_never_a_file_swapped_for_a_link(t
     flipper.start()
     added = refused = 0
     try:
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline and added + refused < 300:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and added + refused < 200:
             try:
                 zoo.add(folder, name=f"a{added}")
                 added += 1

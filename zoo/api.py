@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Iterable
 
 from compose.errors import CompositionError
-
 from zoo.errors import ZooError
 from zoo.formats.folder import folder_files, read_adapter_folder
+from zoo.interrupts import deferred as _deferred_signals
 from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
 from zoo.paths import registry_path, zoo_home
 from zoo.registry import Registry
-from zoo.interrupts import deferred as _deferred_signals
 from zoo.safety import copy_inside
 from zoo.store import Store, no_space
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -51,11 +52,16 @@ def open_inside(folder: Path, name: str) -> int | None:
             except FileNotFoundError:
                 return None
             except OSError as e:
+                links += 1
                 try:
                     target = os.readlink(part, dir_fd=dirs[-1])
-                except OSError:
-                    raise e from None
-                links += 1
+                except FileNotFoundError:
+                    return None
+                except OSError as not_a_link:
+                    if not_a_link.errno != errno.EINVAL or links > _MAX_LINKS:
+                        raise e from None
+                    todo.insert(0, part)  # swapped back for a file meanwhile: open it again
+                    continue
                 if links > _MAX_LINKS or target.startswith("/"):
                     raise _outside(folder, name) from None
                 todo[:0] = target.split("/")
