@@ -183,8 +183,12 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         names = {f.path for f in manifest.files}
         for stray in folder.iterdir():  # left by an entry of this name and version that never committed
-            if stray.name not in names and not stray.name.startswith("."):
-                stray.unlink() if stray.is_symlink() or not stray.is_dir() else shutil.rmtree(stray)
+            if stray.name in names or stray.name.startswith("."):
+                continue
+            if stray.is_dir() and not stray.is_symlink():
+                shutil.rmtree(stray)
+            else:
+                stray.unlink()
         for f in manifest.files:
             link = folder / f.path
             target = os.path.relpath(self.blob_path(f.sha256), link.parent)
