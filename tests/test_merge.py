@@ -23,7 +23,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import load_adapter, make_peft_adapter, peft_model, tiny_gpt2, tiny_llama, token_ids
+from tiny import keep_plain_layout, load_adapter, make_peft_adapter, pack_for_cpu, peft_model, round_absmax_to_bf16, tiny_gpt2, tiny_llama, token_ids
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from compose.errors import CompositionError
@@ -287,31 +287,6 @@ def test_requantized_bf16_double_quant_equals_in_memory_merge(tmp_path):
             assert layer.base_layer.weight.quant_state.nested and layer_weight(layer.base_layer).dtype == torch.bfloat16
             assert torch.equal(layer_weight(layer.base_layer), layer_weight(streamed_modules[path])), path
     torch.testing.assert_close(logits(streamed), logits(in_memory), atol=ATOL, rtol=0)
-
-
-def linear4bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-
-
-def keep_plain_layout(*models: torch.nn.Module) -> None:
-    """No repacking at forward: bitsandbytes packs 4-bit weights for its CPU kernel only where the CPU has
-    AVX512-BF16 (it reads this flag), so the tests choose the layout themselves on every machine."""
-    for model in models:
-        for layer in linear4bit_layers(model):
-            layer.support_avx512bf16_for_cpu = False
-
-
-def pack_for_cpu(model: torch.nn.Module) -> None:
-    """What `Linear4bit.forward` does to each weight at its first no-grad forward on an AVX512-BF16 CPU."""
-    for layer in linear4bit_layers(model):
-        if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-            layer.weight.data, layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
-
-
-def round_absmax_to_bf16(model: torch.nn.Module) -> None:
-    """The plain-layout twin of `pack_for_cpu`: same codes, absmax rounded to bf16 as packing rounds it."""
-    for layer in linear4bit_layers(model):
-        layer.weight.quant_state.absmax = layer.weight.quant_state.absmax.to(torch.bfloat16).float()
 
 
 @pytest.mark.parametrize("quant, layout", [("nf4", "plain"), ("nf4", "packed"), ("int8", "plain")])
