@@ -1,8 +1,8 @@
 """Adapters on a base that accelerate spreads over memory and disk (`device_map` with offload).
 
 A 4-layer Llama loaded with `device_map="auto"`, a CPU budget that holds its embeddings and first layer,
-and the rest offloaded to disk: those modules keep meta tensors and get their weights from the offload
-files at each forward. Every adapter kind must give what it gives on the same base loaded whole
+and the rest offloaded to disk (or all of it, for methods that act at the embeddings): those modules
+keep meta tensors and get their weights from the offload files at each forward. Every adapter kind must give what it gives on the same base loaded whole
 (`device_map="cpu"`) and what PEFT gives, fp32 within 1e-5; merges into offloaded modules are refused.
 """
 
@@ -41,13 +41,16 @@ def setup(tmp_path_factory):
         "b": make_peft_adapter(base, root / "b", seed=2, r=2, lora_alpha=4, target_modules=TARGETS, task_type="CAUSAL_LM"),
         "ia3": random_peft_adapter(base, root / "ia3", peft.IA3Config(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"],
                                                                       task_type="CAUSAL_LM"), seed=3),
+        "prompt": random_peft_adapter(base, root / "prompt", peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), seed=4),
+        "prefix": random_peft_adapter(base, root / "prefix", peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), seed=5),
     }
     return root, base, {k: str(v) for k, v in adapters.items()}
 
 
-def offload(root) -> dict:
-    """from_pretrained arguments that leave the embeddings and layer 0 in memory and offload the rest to disk."""
-    return dict(device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(root / "offload"))
+def offload(root, cpu: str = "400KB") -> dict:
+    """from_pretrained arguments that leave the embeddings and layer 0 in memory and offload the rest to disk
+    (with `cpu="1KB"`: everything on disk, the embeddings too)."""
+    return dict(device_map="auto", max_memory={"cpu": cpu}, offload_folder=str(root / f"offload-{cpu}"))
 
 
 @torch.no_grad()
@@ -96,6 +99,20 @@ def test_fusions_on_offloaded_modules_equal_the_base_in_memory(setup, fusion):
     whole = zoo.load(root / "base", [folders["a"], folders["b"]], **kwargs, device_map="cpu")
     torch.testing.assert_close(logits(model), logits(whole), atol=ATOL, rtol=0)
     assert (logits(whole) - logits(zoo.load(root / "base", [folders["a"]], device_map="cpu"))).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "mixed"])
+def test_virtual_tokens_and_mixed_batches_on_a_base_entirely_on_disk(setup, kind):
+    root, base, folders = setup
+    names, kwargs = ([folders["a"], folders["b"]], dict(mixed=True)) if kind == "mixed" else ([folders[kind]], {})
+    rows = dict(adapter_ids=torch.tensor([1, -1])) if kind == "mixed" else {}  # row 0 runs b, row 1 the base
+    model = zoo.load(root / "base", names, **kwargs, **offload(root, cpu="1KB"))
+    assert set(model.hf_device_map.values()) == {"disk"}
+    whole = zoo.load(root / "base", names, **kwargs, device_map="cpu")
+    with torch.no_grad():
+        ours, ref = model(token_ids(), **rows).logits, whole(token_ids(), **rows).logits
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+    assert (ref[0, -1] - logits(base)[0, -1]).abs().max() > 100 * ATOL
 
 
 def test_bottleneck_on_offloaded_layers_equals_the_base_in_memory(setup):
