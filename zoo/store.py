@@ -29,18 +29,23 @@ from zoo.manifest import FileEntry, Manifest, check_name
 CHUNK = 1 << 20
 INCOMING = ".incoming-"
 
-# blob identity → sha256 this process measured; any write to the file changes its mtime/ctime, so the key
+# blob identity → the sha256 this process measured; any write to the file changes its mtime or ctime, and so
+# the key: a rewritten blob is hashed again
 _hashed: dict[tuple, str] = {}
 _swept: set[Path] = set()  # stores whose leftovers this process removed already
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
     """(hex sha256, size) of a file, streamed."""
-    digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        return _sha256_of(f)
+
+
+def _sha256_of(f) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := f.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
     return digest.hexdigest(), size
 
 
@@ -87,14 +92,11 @@ class Store:
         fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             before = os.fstat(f.fileno())
-            digest, size = hashlib.sha256(), 0
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+            digest, size = _sha256_of(f)
         if size != entry.size:
             return f"size {size:,} != {entry.size:,}"
-        if digest.hexdigest() != entry.sha256:
-            return f"sha256 {digest.hexdigest()[:12]}… != {entry.sha256[:12]}…"
+        if digest != entry.sha256:
+            return f"sha256 {digest[:12]}… != {entry.sha256[:12]}…"
         _hashed[_identity(blob, before)] = entry.sha256
         return None
 
