@@ -154,7 +154,7 @@ def enable_mixed(model: nn.Module, names: list[str]) -> None:
 
     Raises:
         CompositionError: `names` is empty, repeats a name or names an adapter that is not attached; one is
-            DoRA or has `modules_to_save` copies; a LoRA layer is merged or runs an AdapterFusion.
+            DoRA, has `modules_to_save` copies or adapts an embedding; a LoRA layer is merged or runs an AdapterFusion.
     """
     attached = attached_adapters(model)
     unknown = [n for n in names if n not in attached]

@@ -45,6 +45,8 @@ def attach_lora(model: nn.Module, name: str, config: LoraConfig, state: dict[str
             by bitsandbytes. Adapter tensors go to each base layer's device, in fp32 (fp64 over fp64 bases).
         name: the adapter's name, unique on this model.
         config: its hyper-parameters; ranks must agree with the tensors, scaling comes from `config.scaling_for`.
+            With `init_lora_weights` 'pissa' / 'olora', B₀, A₀ are computed from the model's weights and the
+            adapter runs as the rank-2r LoRA [B, −B₀]·[A; A₀] (`compose.lora.residual`).
         state: tensors keyed relative to the transformers model, i.e. a PEFT safetensors key with the leading
             `base_model.model.` removed: `<module>.lora_A.weight`, `<module>.lora_B.weight`, `<module>.lora_B.bias`
             (lora_bias), `<module>.lora_magnitude_vector` (DoRA), and full tensors of `modules_to_save`
