@@ -178,3 +178,18 @@ def test_merged_linear_configs_name_their_cause(tmp_path):
         for attempt in (lambda: zoo.add(folder, name="m"), lambda: inspect_adapter(folder), lambda: zoo.load(tmp_path / "base", [str(folder)])):
             with pytest.raises(ZooError, match=r"enable_lora=\[True, False, True\] marks peft < 0.3's MergedLinear"):
                 attempt()
+
+
+@pytest.mark.parametrize("targets,init,refusal", [
+    (["q_proj", "embed_tokens"], True, "carries 'model.embed_tokens.weight' for a layer accelerate offloaded"),
+    (["q_proj"], "pissa", "a pissa adapter needs the base weight to compute its initial factors, and accelerate offloaded it"),
+])
+def test_what_needs_an_offloaded_weight_is_refused(tmp_path, targets, init, refusal):
+    """Saved embedding weights would be overwritten by accelerate's hook, PiSSA's factors need W: neither is in
+    memory on a module whose weights are offloaded (meta tensors, as accelerate leaves them)."""
+    adapter = random_peft_adapter(tiny_llama(tied=True), tmp_path / "a", peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=init), seed=1)
+    model = tiny_llama(tied=True)
+    for module in (model.model.embed_tokens, model.model.layers[0].self_attn.q_proj):
+        module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+    with pytest.raises(CompositionError, match=refusal):
+        zoo.load(model, [str(adapter)])

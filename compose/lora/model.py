@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compose.devices import execution_device
+from compose.devices import execution_device, offloaded
 from compose.errors import CompositionError
 from compose.heads import attach_heads, detach_heads, prepare_heads, resolve_module, set_active_heads
 from compose.lora.config import LoraConfig
@@ -254,6 +254,8 @@ def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig)
     if residual:
         if kind not in ("linear", "conv1d"):
             raise CompositionError(f"module '{path}': a {config.init_lora_weights} adapter on a quantized base (PEFT trains those on the residual of the full-precision weight); load the base unquantized")
+        if offloaded(base):
+            raise CompositionError(f"module '{path}': a {config.init_lora_weights} adapter needs the base weight to compute its initial factors, and accelerate offloaded it; load the base without offloading that module")
         a, b = with_residual(a, b, *initial_factors(base.weight, config.init_lora_weights, r, scaling, transposed=kind == "conv1d"))
     return path, LoraAdapter(a, b, scaling, cast(bias), cast(magnitude), residual=residual, base_weights=base_weights)
 
@@ -269,7 +271,8 @@ def _base_weights(path: str, base: nn.Module, tensors: dict[str, torch.Tensor]) 
             hint = (f"it was trained with a resized vocabulary: resize the model's token embeddings (model.resize_token_embeddings({tensor.shape[0]})) and pass the model"
                     if base_kind(base) == "embedding" or tensor.shape[1:] == own[field].shape[1:] else "the adapter was trained for a different model")
             raise CompositionError(f"the adapter carries '{path}.{field}' of shape {tuple(tensor.shape)} but the model's is {tuple(own[field].shape)}; {hint}")
-        if base_kind(base) in ("bnb4", "bnb8"):
-            raise CompositionError(f"the adapter carries '{path}.{field}' for a quantized layer; load the base unquantized")
+        if base_kind(base) in ("bnb4", "bnb8") or offloaded(base):
+            what = "a quantized layer; load the base unquantized" if not offloaded(base) else "a layer accelerate offloaded (it would load its own weights over them); load the base without offloading that module"
+            raise CompositionError(f"the adapter carries '{path}.{field}' for {what}")
         out[field] = tensor.to(device=own[field].device, dtype=own[field].dtype)
     return out
