@@ -40,18 +40,46 @@ def rewrite(folder, tensors=lambda state: state, config=lambda cfg: cfg):
     return folder
 
 
-def assert_like_peft(base, base_dir, adapter, out_dir):
-    """Loaded, merged in memory and merged into a checkpoint: each within ATOL of PEFT's load / merge_and_unload."""
+def differences(base, base_dir, adapter, out_dir) -> tuple[float, float, float, float]:
+    """Max |Δ logit| against PEFT's loaded model of the adapter loaded, merged in memory and merged into a checkpoint
+    (`zoo merge`), and of PEFT's own merge_and_unload; also checks that the adapter acts and that detaching gives
+    the model's own weights back, bit for bit."""
     reference = peft_model(base, adapter)
+    expected = logits(reference)
     loaded = zoo.load(base_dir, [str(adapter)])
-    torch.testing.assert_close(logits(loaded), logits(reference), atol=ATOL, rtol=0)
     assert (logits(loaded) - logits(base)).abs().max() > 1e-2  # the adapter really acts
-    merged_ref = reference.merge_and_unload()
-    torch.testing.assert_close(logits(zoo.load(base_dir, [str(adapter)], merge=True)), logits(merged_ref), atol=ATOL, rtol=0)
     merge_adapters(str(adapter), base=base_dir, out=out_dir)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out_dir)), logits(merged_ref), atol=ATOL, rtol=0)
-    zoo.detach(loaded)  # the model's own weights come back, bit for bit
+    models = (loaded, zoo.load(base_dir, [str(adapter)], merge=True), AutoModelForCausalLM.from_pretrained(out_dir), reference.merge_and_unload())
+    diffs = tuple((logits(model) - expected).abs().max().item() for model in models)
+    zoo.detach(loaded)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), base.state_dict().values()))
+    return diffs
+
+
+def residual_adapter(folder, init: str, model: str):
+    """(base, a PEFT adapter saved unconverted with `init`) for RESIDUAL_CASES[(init, model)]."""
+    base = tiny_llama() if model == "llama" else tiny_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, **RESIDUAL_CASES[init, model])
+    return base, random_peft_adapter(base, folder, config, seed=3)
+
+
+def embedding_adapter(folder, targets: list[str]):
+    """(tied-embedding base, a PEFT LoRA on `targets` whose saved embedding weights differ from the base's)."""
+    base = tiny_llama(tied=True)
+    adapter = random_peft_adapter(base, folder, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=4)
+    # PEFT saves the targeted embeddings' weights (a resized vocabulary keeps its new rows there): make them matter,
+    # the same change in both copies of the tied weight
+    noise = lambda t: 0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    return base, rewrite(adapter, tensors=lambda s: {k: v + noise(v) if ".base_layer." in k else v for k, v in s.items()})
+
+
+#: (init_lora_weights, model) → the rest of its LoraConfig
+RESIDUAL_CASES = {
+    ("pissa", "llama"): {"target_modules": ["q_proj", "down_proj"], "use_rslora": True, "rank_pattern": {"down_proj": 2}},
+    ("olora", "llama"): {"target_modules": ["q_proj", "v_proj"]},
+    ("pissa", "gpt2"): {"target_modules": ["c_attn"], "fan_in_fan_out": True},
+}
+EMBEDDING_TARGETS = [["q_proj", "lm_head"], ["q_proj", "embed_tokens"], ["embed_tokens", "lm_head"]]
 
 
 # ---- peft 0.2's prompt tensor name; add checks what inspect and load check ------------------------
@@ -106,17 +134,12 @@ def test_nested_head_takes_num_labels_from_its_output_layer(tmp_path):
 # ---- PiSSA / OLoRA saved without conversion -------------------------------------------------------
 
 
-@pytest.mark.parametrize("init,model,targets", [
-    ("pissa", "llama", {"target_modules": ["q_proj", "down_proj"], "use_rslora": True, "rank_pattern": {"down_proj": 2}}),
-    ("olora", "llama", {"target_modules": ["q_proj", "v_proj"]}),
-    ("pissa", "gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True}),
-])
-def test_residual_initialisations_equal_peft(tmp_path, init, model, targets):
-    base = tiny_llama() if model == "llama" else tiny_gpt2()
+@pytest.mark.parametrize("init,model", list(RESIDUAL_CASES))
+def test_residual_initialisations_equal_peft(tmp_path, init, model):
+    base, adapter = residual_adapter(tmp_path / init, init, model)
     base.save_pretrained(tmp_path / "base")
-    adapter = random_peft_adapter(base, tmp_path / init, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, **targets), seed=3)
     assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] == init  # saved unconverted
-    assert_like_peft(base, tmp_path / "base", adapter, tmp_path / "merged")
+    assert max(differences(base, tmp_path / "base", adapter, tmp_path / "merged")) < ATOL  # PEFT's merge agrees too
 
 
 def test_randomized_pissa_is_refused_naming_the_conversion(tmp_path):
@@ -131,22 +154,32 @@ def test_randomized_pissa_is_refused_naming_the_conversion(tmp_path):
 # ---- LoRA on embedding layers, and the embedding weights PEFT saves with it -------------------------
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "embed_tokens"], ["embed_tokens", "lm_head"]])
+@pytest.mark.parametrize("targets", EMBEDDING_TARGETS)
 def test_embedding_adapters_equal_peft(tmp_path, targets):
-    base = tiny_llama(tied=True)
+    base, adapter = embedding_adapter(tmp_path / "emb", targets)
     base.save_pretrained(tmp_path / "base")
-    adapter = random_peft_adapter(base, tmp_path / "emb", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=4)
-    # PEFT saves the targeted embeddings' weights (a resized vocabulary keeps its new rows there): make them matter,
-    # the same change in both copies of the tied weight
-    noise = lambda t: 0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    rewrite(adapter, tensors=lambda s: {k: v + noise(v) if ".base_layer." in k else v for k, v in s.items()})
 
     zoo.add(adapter, name="emb")
     report = inspect_adapter(adapter)
     estimate = estimate_adapter(tmp_path / "base", rank=4, targets=targets, dtype="fp32")
     assert (report.trainable_params, report.total_bytes) == (estimate.params, estimate.bytes)
     assert {s.module for s in report.saved_modules} == {"lm_head" if t == "lm_head" else "model.embed_tokens" for t in targets if t != "q_proj"}
-    assert_like_peft(base, tmp_path / "base", adapter, tmp_path / "merged")
+    *ours, peft_merged = differences(base, tmp_path / "base", adapter, tmp_path / "merged")
+    assert max(ours) < ATOL
+    # PEFT merges a LoRA on one of two tied modules into their shared weight, which changes the other one too;
+    # zoo's merges give the adapted module a weight of its own, so they compute what the unmerged model does
+    assert peft_merged > 1
+
+
+def test_merged_tied_weights_save_and_come_back(tmp_path):
+    base, adapter = embedding_adapter(tmp_path / "emb", ["q_proj", "lm_head"])
+    base.save_pretrained(tmp_path / "base")
+    model = zoo.load(tmp_path / "base", [str(adapter)], merge=True)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    merge_adapters(str(adapter), base=tmp_path / "base", out=tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    zoo.unmerge(model)
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
 
 
 def test_saved_embedding_of_another_vocabulary_is_one_line(tmp_path):

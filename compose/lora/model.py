@@ -130,6 +130,7 @@ def detach_lora(model: nn.Module, name: str | None = None) -> nn.Module:
                 m.remove_adapter(n)
             if not m.adapters:
                 replace_module(model, path, m.base_layer)
+    retie_weights(model)
     detach_heads(model, names, "LoRA")
     for key, (param, original, holders) in list(registry["replaced"].items()):
         holders -= names
@@ -141,6 +142,50 @@ def detach_lora(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+def untie_weights(model: nn.Module) -> None:
+    """Before a merge: give each LoRA layer with active adapters whose base weight is one parameter with another
+    module's (an LM head tied to the input embeddings) a parameter of its own over the same data, so that merging
+    changes that module alone and the merged model computes what the unmerged one does. (PEFT's merge_and_unload
+    writes into the shared weight, which changes the tied module too.) The model's config stops saying its word
+    embeddings are tied, so `save_pretrained` keeps both, until `retie_weights`."""
+    registry = _registry(model)
+    holders: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)] = holders.get(id(param), 0) + 1
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and m.active and not m.merged and holders.get(id(m.base_layer.weight), 0) > 1:
+            shared = m.base_layer.weight
+            m.base_layer.weight = nn.Parameter(shared.data, requires_grad=shared.requires_grad)
+            registry["untied"].append((m, shared))
+    configs = [c for c in {id(c): c for c in _configs(model)}.values() if getattr(c, "tie_word_embeddings", False)]
+    if registry["untied"] and not registry["tie_configs"]:
+        registry["tie_configs"] = configs
+        for config in configs:
+            config.tie_word_embeddings = False
+
+
+def retie_weights(model: nn.Module) -> None:
+    """Undo `untie_weights` for the layers no longer merged (all of them: the config says tied again)."""
+    registry = _registry(model)
+    for m, shared in list(registry["untied"]):
+        if not m.merged:
+            m.base_layer.weight = shared
+            registry["untied"].remove((m, shared))
+    if not registry["untied"]:
+        for config in registry["tie_configs"]:
+            config.tie_word_embeddings = True
+        registry["tie_configs"] = []
+
+
+def _configs(model: nn.Module) -> list:
+    """The model's transformers config and its text config (where the tie flag lives in multimodal models)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config, text]
+
+
 def attached_adapters(model: nn.Module) -> list[str]:
     """The names of the adapters attached to `model`, in attach order."""
     return list(_registry(model)["attached"])
@@ -148,10 +193,12 @@ def attached_adapters(model: nn.Module) -> list[str]:
 
 def _registry(model: nn.Module) -> dict:
     """`attached` and `active` adapter names; `replaced`: id of a base parameter an adapter's carried weights
-    replaced → (the parameter, its original data, the attached adapters carrying it)."""
+    replaced → (the parameter, its original data, the attached adapters carrying it); `untied`: (LoRA layer, the
+    tied parameter it had) while merged, and `tie_configs` the configs whose tie flag `untie_weights` cleared."""
     if getattr(model, "_compose_lora", None) is None:
         model._compose_lora = {"attached": [], "active": []}
-    model._compose_lora.setdefault("replaced", {})
+    for key, empty in (("replaced", dict), ("untied", list), ("tie_configs", list)):
+        model._compose_lora.setdefault(key, empty())
     return model._compose_lora
 
 

@@ -4,8 +4,9 @@
     W' = deq(Q(W)) + Σᵢ sᵢ·Bᵢ·Aᵢ                 (quantize=: the base QLoRA trained against)
 
 W is the adapter's own copy where it carries one (PEFT's saved embedding layers); a PiSSA/OLoRA adapter
-adds s·(B·A − B₀·A₀) with B₀, A₀ from W (`compose.lora.residual`); a module whose weight is tied to
-another's (an LM head tied to the input embeddings, stored once) merges into the tensor stored.
+adds s·(B·A − B₀·A₀) with B₀, A₀ from W (`compose.lora.residual`). When a module whose weight is tied to
+another's (an LM head tied to the input embeddings, stored once) is adapted, each gets a tensor of its own
+and config.json says `tie_word_embeddings: false`, so the merge computes what the unmerged model does.
 
 One tensor at a time is read, merged (its ΔW built from the factors just then) and written, into
 shards with the base's names and sharding: peak memory is a few copies of the largest tensor plus the
@@ -135,23 +136,29 @@ def merge_checkpoint(
                 writer = ShardWriter(tmp / shard, f.metadata)
                 for key in f.keys():
                     tensor = f.get_tensor(key)
-                    path, terms, carried = targets.get(key, (None, None, None))
-                    if carried is not None:
-                        tensor = carried.to(tensor.dtype)
-                    method = quantize if key in quantized else None
-                    tensors, error = _merge_tensor(key, tensor, terms, dtype, key in conv1d, method, dequantize, double_quant)
-                    for name, t in tensors.items():
-                        writer.add(name, t)
-                        weight_map[name] = shard
-                    if path is not None:
-                        report.modules[path] = ModuleReport(key, len(terms), error)
+                    target = targets.get(key)
+                    if target is not None and target.carried is not None:
+                        tensor = target.carried.to(tensor.dtype)
+                    # the tied modules' own copies first: the stored tensor's merge consumes it
+                    outputs = [(copy_key, path, terms, tensor.clone()) for copy_key, (path, terms) in (target.copies.items() if target else ())]
+                    outputs.insert(0, (key, *(target[:2] if target else (None, None)), tensor))
+                    for name, path, terms, weight in outputs:
+                        method = quantize if name in quantized else None
+                        tensors, error = _merge_tensor(name, weight, terms, dtype, name in conv1d, method, dequantize, double_quant)
+                        for out_name, t in tensors.items():
+                            writer.add(out_name, t)
+                            weight_map[out_name] = shard
+                        if path is not None and (terms or target.carried is not None):
+                            report.modules[path] = ModuleReport(name, len(terms), error)
+                        del weight, tensors
                     report.tensors += 1
                     report.bytes_read += tensor.nbytes
-                    del tensor, tensors
+                    del tensor, outputs
                     if on_tensor is not None:
                         on_tensor(key, report.tensors, len(shapes))
             report.bytes_written += writer.close()
-        _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant)
+        untied = any(t.copies for t in targets.values())
+        _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant, untied)
         os.replace(tmp, out_dir)  # an empty out_dir is replaced too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,56 +281,70 @@ def _meta_model(config: dict) -> nn.Module | None:
         return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
 
 
+class _Target(NamedTuple):
+    """What is written for one checkpoint tensor: the module it belongs to, its deltas
+    [(A, B, s, stored transposed?, init)], the weight an adapter carries for it (None: the checkpoint's), and
+    untied copies {key: (module, deltas)} for the modules tied to it, which the checkpoint does not store."""
+
+    path: str
+    terms: list
+    carried: torch.Tensor | None
+    copies: dict[str, tuple[str, list]]
+
+
 def _targets(
     deltas: Mapping[str, Sequence], weights: Mapping[str, torch.Tensor], shapes: dict[str, list[int]],
     conv1d: set[str] | None, tied: dict[str, list[str]], quantize: str | None,
-) -> dict[str, tuple[str, list, torch.Tensor | None]]:
-    """Checkpoint key → (module path, [(A, B, s, stored transposed?, init)], the weight carried for it or None),
-    all checked before anything is written. Conv1D weights (stored (in, out)) are known from the model's
-    structure, else from each delta's `fan_in_fan_out`; embeddings are stored (in, out) too. Modules tied to
-    one stored tensor (an LM head and the input embeddings) share its entry, their deltas adding up."""
-    targets: dict[str, tuple[str, list, torch.Tensor | None]] = {}
-    shared: set[str] = set()  # keys reached through a tie
+) -> dict[str, _Target]:
+    """Checkpoint key → `_Target`, all checked before anything is written. Conv1D weights (stored (in, out)) are
+    known from the model's structure, else from each delta's `fan_in_fan_out`; embeddings are stored (in, out)
+    too. A module tied to a stored tensor (an LM head tied to the input embeddings, stored once) gets a tensor
+    of its own when either is adapted, so each merges its own deltas, as the unmerged model computes them."""
+    stored_ties = {k: [o for o in others if find_key(o, shapes) is None] for m, others in tied.items() if (k := find_key(m, shapes))}
+    targets: dict[str, _Target] = {}
     for path in dict.fromkeys([*deltas, *weights]):
         key = find_key(path, shapes)
-        if key is None:
-            key = next((k for k in (find_key(other, shapes) for other in tied.get(path, ())) if k is not None), None)
-            shared.add(key)
-        if key is None:
+        copy_of = None if key is not None else next((k for k in (find_key(o, shapes) for o in tied.get(path, ())) if k), None)
+        stored = key or copy_of
+        if stored is None:
             raise CompositionError(f"module '{path}' has no weight in the base checkpoint (no '{path}.weight', also tried without/with a prefix); the adapter was trained for a different model")
-        if key in targets and key not in shared:
-            raise CompositionError(f"modules '{targets[key][0]}' and '{path}' both name checkpoint tensor '{key}'; give each module once")
+        if key is not None and key in targets and targets[key].path != path:
+            raise CompositionError(f"modules '{targets[key].path}' and '{path}' both name checkpoint tensor '{key}'; give each module once")
         carried = weights.get(path)
-        if carried is not None and list(carried.shape) != list(shapes[key]):
+        if carried is not None and list(carried.shape) != list(shapes[stored]):
             raise CompositionError(
-                f"module '{path}': the adapter carries a weight of shape {tuple(carried.shape)} but '{key}' has shape {tuple(shapes[key])}; "
+                f"module '{path}': the adapter carries a weight of shape {tuple(carried.shape)} but '{stored}' has shape {tuple(shapes[stored])}; "
                 "it was trained with a resized vocabulary (merge into a base saved after resize_token_embeddings)"
             )
-        _, terms, earlier = targets.get(key, (path, [], None))
-        if carried is not None and earlier is not None and not torch.equal(carried, earlier):
-            raise CompositionError(f"the adapters carry different weights for checkpoint tensor '{key}'; merge one of them at a time")
-        for entry in deltas.get(path, ()):
-            a, b, scaling, fan_in_fan_out, embedding, init = LoraDelta(*entry)
+        entry = targets.get(stored) or _Target(path if key else stored.removesuffix(".weight"), [], None, {})
+        if carried is not None and entry.carried is not None and not torch.equal(carried, entry.carried):
+            raise CompositionError(f"the adapters carry different weights for checkpoint tensor '{stored}' (tied modules share it); merge one of them at a time")
+        terms = entry.terms if key else entry.copies.setdefault(f"{path}.weight", (path, []))[1]
+        for delta in deltas.get(path, ()):
+            a, b, scaling, fan_in_fan_out, embedding, init = LoraDelta(*delta)
             if init is not None and quantize:
                 raise CompositionError(f"module '{path}': a {init} adapter was trained on the residual of the full-precision weight; merge it without quantize=")
             transposed = embedding or (fan_in_fan_out if conv1d is None else key in conv1d)
             expected = [a.shape[1], b.shape[0]] if transposed else [b.shape[0], a.shape[1]]
-            if a.shape[0] != b.shape[1] or expected != list(shapes[key]):
+            if a.shape[0] != b.shape[1] or expected != list(shapes[stored]):
                 raise CompositionError(
-                    f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} give a {tuple(expected)} delta but '{key}' "
-                    f"has shape {tuple(shapes[key])}{' (stored (in, out): fan_in_fan_out)' if transposed else ''}; the adapter was trained for a different model"
+                    f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} give a {tuple(expected)} delta but '{stored}' "
+                    f"has shape {tuple(shapes[stored])}{' (stored (in, out): fan_in_fan_out)' if transposed else ''}; the adapter was trained for a different model"
                 )
             terms.append((a, b, scaling, transposed, init))
-        if terms or carried is not None or earlier is not None:
-            targets[key] = (targets[key][0] if key in targets else path, terms, carried if carried is not None else earlier)
+        targets[stored] = entry._replace(path=path if key else entry.path, carried=carried if carried is not None else entry.carried)
+    for key, entry in targets.items():  # every tied module the checkpoint does not store gets its own copy
+        for other in stored_ties.get(key, ()):
+            entry.copies.setdefault(f"{other}.weight", (other, []))
     return targets
 
 
 def _write_config_and_files(
     base_dir: Path, out: Path, config: dict, index: dict | None, weight_map: dict[str, str], total_size: int,
-    dtype: torch.dtype | None, quantize: str | None, dequantize: bool, double_quant: bool,
+    dtype: torch.dtype | None, quantize: str | None, dequantize: bool, double_quant: bool, untied: bool = False,
 ) -> None:
-    """The index (if the base is sharded), config.json (new dtype / quantization_config) and the base's other files."""
+    """The index (if the base is sharded), config.json (new dtype / quantization_config; `untied`: the word
+    embeddings are no longer tied) and the base's other files."""
     if index is not None:
         metadata = {**index.get("metadata", {}), "total_size": total_size}
         (out / INDEX_NAME).write_text(json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
@@ -338,6 +359,10 @@ def _write_config_and_files(
             config[field] = str(dtype).removeprefix("torch.")
     if quantize and not dequantize:
         config["quantization_config"] = _bnb().bnb_config(quantize, _model_dtype(config, dtype), double_quant).to_dict()
+    if untied:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
