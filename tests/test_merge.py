@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -205,6 +206,59 @@ def test_errors_leave_nothing_behind(tmp_path):
     (out / "keep.txt").unlink()
     merge_checkpoint(base_dir, out, deltas)  # an empty folder is fine
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_rename_into_out(tmp_path, monkeypatch):
+    base = tiny_llama()
+    config, state = load_adapter(make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8))
+    base_dir, out = sharded(base, tmp_path / "base"), tmp_path / "out"
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    merge_checkpoint(base_dir, out, lora_deltas([(config, state)]))
+    [(i, partial)] = [(i, e[1]) for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out)]
+    synced = {path for kind, path, *_ in events[:i] if kind == "fsync"}
+    assert {f"{partial}/{p.name}" for p in out.iterdir()} | {partial} <= synced  # shards, index, config, copies, the folder
+    assert ("fsync", str(tmp_path)) in events[i:]  # and the rename itself
+
+
+def _merge_and_wait(base_dir: Path, out: Path, deltas: dict, ready_fd: int) -> None:
+    """A merge that stops after its first tensor, says so, and waits there (until killed)."""
+    import time
+
+    def stall(name, done, total):
+        if done == 1:
+            os.write(ready_fd, b"ready")
+            time.sleep(120)
+
+    merge_checkpoint(base_dir, out, deltas, on_tensor=stall)
+
+
+def test_a_killed_merges_partial_folder_goes_with_the_next_merge_but_a_live_ones_stays(tmp_path):
+    import multiprocessing
+    import signal
+
+    base = tiny_llama()
+    config, state = load_adapter(make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8))
+    base_dir, out, deltas = sharded(base, tmp_path / "base"), tmp_path / "out", lora_deltas([(config, state)])
+    read_end, write_end = os.pipe()
+    live = multiprocessing.get_context("fork").Process(target=_merge_and_wait, args=(base_dir, out, deltas, write_end))
+    live.start()
+    try:
+        assert os.read(read_end, 5) == b"ready"
+        [partial] = tmp_path.glob(".out.partial-*")
+        merge_checkpoint(base_dir, out, deltas)  # a merge into the same place, meanwhile
+        assert partial.is_dir()  # never sweeps a live merge's folder
+        shutil.rmtree(out)
+    finally:
+        os.kill(live.pid, signal.SIGKILL)
+        live.join()
+        os.close(read_end)
+    assert partial.is_dir()  # the killed merge left it
+    merge_checkpoint(base_dir, out, deltas)
+    assert not partial.exists() and list(tmp_path.glob(".out.partial-*")) == []
+    assert (out / "model.safetensors.index.json").is_file() and not (out / ".lock").exists()
 
 
 @pytest.mark.parametrize("arch, quant", [("llama", "nf4"), ("llama", "fp4"), ("gpt2", "int8")])
