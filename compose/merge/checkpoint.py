@@ -261,13 +261,8 @@ def _structure(
     model = _meta_model(config)
     if model is None:
         if quantize:
-<<<<<<< HEAD
             raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantizing (no --quantize / quantize=)")
-        return None, set()
-=======
-            raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantize=")
         return None, set(), {}
->>>>>>> main
     from transformers.pytorch_utils import Conv1D
 
     holders: dict[int, list[str]] = {}
