@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(autouse=True)
 def isolated_zoo(tmp_path, monkeypatch):
-    """A fresh ZOO_HOME / registry per test; the Hub client is offline unless a test starts a server."""
+    """A fresh ZOO_HOME (its SQLite registry, its store) per test; the Hub client is offline unless a test starts a server."""
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "zoo-home"))
-    monkeypatch.setenv("ZOO_REGISTRY", str(tmp_path / "zoo-home" / "registry.json"))
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    monkeypatch.delenv("ZOO_STORE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
