@@ -109,12 +109,12 @@ def list_(
         raise ZooError(f"--limit {limit} is negative", "give a count, or 0 for all")
     reg = api.open_registry(registry)
     if as_json:  # streamed as stored, one entry per line: 100,000 entries never sit in memory
-        out, first = sys.stdout.buffer, True
-        out.write(b"[")
+        out, first = sys.stdout, True
+        out.write("[")
         for line in reg.json_lines(base=base, method=method, task=task, limit=limit or None):
-            out.write((b"\n" if first else b",\n") + line)
+            out.write(("\n" if first else ",\n") + line.decode())
             first = False
-        out.write(b"]\n" if first else b"\n]\n")
+        out.write("]\n" if first else "\n]\n")
         out.flush()
         return
     from rich.table import Table

@@ -39,12 +39,12 @@ def export_registry(out: PathLike | None = None, *, registry: PathLike | None = 
         return write_registry_file(Path(out), lines)
     from zoo.registry import HEAD, TAIL
 
-    stdout, count = sys.stdout.buffer, 0
-    stdout.write(HEAD)
+    stdout, count = sys.stdout, 0  # text: stdout may be a StringIO (tests, notebooks)
+    stdout.write(HEAD.decode())
     for line in lines:
-        stdout.write(b",\n" + line if count else b"\n" + line)
+        stdout.write((",\n" if count else "\n") + line.decode())
         count += 1
-    stdout.write(b"\n" + TAIL + b"\n")
+    stdout.write("\n" + TAIL.decode() + "\n")
     stdout.flush()
     return count
 

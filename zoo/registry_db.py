@@ -162,23 +162,34 @@ class DbRegistry(RegistryBackend):
             path = Path(make_url(location).database or "" if scheme else location).expanduser()
             if path.is_dir():
                 raise ZooError(f"registry {path} is a folder", "point --registry / ZOO_REGISTRY at a registry file (*.db or *.json)")
-            path.parent.mkdir(parents=True, exist_ok=True)
             registry = cls(f"sqlite:///{path.absolute()}", str(path), path.parent, path)
         else:
             raise ZooError(f"unknown registry URL {location!r}", "use postgresql://user@host:port/db, a *.db file or a *.json file")
-        registry._prepare()
-        return registry
+        return registry  # the schema is made (or upgraded) on first use
 
     # --- transactions ----------------------------------------------------------------------------------------
 
+    def _legacy(self) -> Path | None:
+        """A `registry.json` beside the default `registry.db`, to migrate."""
+        legacy = self.path.with_name("registry.json") if self.path is not None and self.path.name == "registry.db" else None
+        return legacy if legacy is not None and legacy.is_file() else None
+
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self) -> Iterator[Connection | None]:
+        """A connection, or None when the SQLite file does not exist yet (an empty registry)."""
+        if self.url not in _ready:
+            if self.sqlite and not self.path.exists() and not self._legacy():
+                yield None  # created by the first write: reading a registry that is not there writes nothing
+                return
+            self._prepare()
         with _db_errors(self.location), self.engine.connect() as conn:
             yield conn
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """One transaction holding the write lock (SQLite: taken up front, said after a second of waiting)."""
+        if self.url not in _ready:
+            self._prepare()
         with _db_errors(self.location), self.engine.connect() as conn:
             if not self.sqlite:
                 with conn.begin():
@@ -220,18 +231,28 @@ class DbRegistry(RegistryBackend):
 
     def _prepare(self) -> None:
         """Create or upgrade the schema once per process; migrate a `registry.json` left beside `registry.db`."""
-        legacy = self.path.with_name("registry.json") if self.path is not None and self.path.name == "registry.db" else None
-        if self.url in _ready and not (legacy and legacy.is_file()):
+        legacy = self._legacy()
+        if self.url in _ready and not legacy:
             return
-        with self._read() as conn:
-            version = conn.execute(select(schema_table.c.version)).scalar() if inspect(conn).has_table("zoo_schema") else 0
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _db_errors(self.location), self.engine.connect() as conn:
+            row = conn.execute(select(schema_table)).first() if inspect(conn).has_table("zoo_schema") else None
+        version = row.version if row else 0
+        if row is not None and row.migrated_from:
+            legacy = None  # migrated before (a crash came between the commit and the rename): the file is only a copy
         if version > SCHEMA_VERSION:
             raise ZooError(f"registry {self.location} has schema version {version}; this adapter-zoo knows up to {SCHEMA_VERSION}", "upgrade adapter-zoo")
-        if version < SCHEMA_VERSION or (legacy and legacy.is_file()):
+        if version < SCHEMA_VERSION or legacy:
             if self.sqlite and version == 0:
-                with self._read() as conn:
+                with _db_errors(self.location), self.engine.connect() as conn:
                     conn.exec_driver_sql("PRAGMA journal_mode = WAL")  # persistent: set once, outside any transaction
-            migrated = self._retrying(lambda conn: self._upgrade(conn, legacy))
+            _ready.add(self.url)  # for _write below
+            try:
+                migrated = self._retrying(lambda conn: self._upgrade(conn, legacy))
+            except BaseException:
+                _ready.discard(self.url)
+                raise
             if migrated:
                 os.replace(legacy, legacy.with_name("registry.json.bak"))  # kept as the backup
         _ready.add(self.url)
@@ -248,7 +269,7 @@ class DbRegistry(RegistryBackend):
         elif version < SCHEMA_VERSION:
             conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
         if legacy is None or not legacy.is_file() or conn.execute(select(schema_table.c.migrated_from)).scalar():
-            return False  # migrated before (a crash came between the commit and the rename): the file is only a copy
+            return False  # migrated meanwhile by another process
         manifests = read_registry_file(legacy)
         self._insert_batch(conn, manifests, allow_dangling=True)
         conn.execute(update(schema_table).values(migrated_from=str(legacy)))
@@ -274,6 +295,8 @@ class DbRegistry(RegistryBackend):
 
     def versions(self, name: str) -> list[Manifest]:
         with self._read() as conn:
+            if conn is None:
+                return []
             rows = conn.execute(select(entries.c.manifest).where(entries.c.name == name).order_by(entries.c.version))
             return [self._parse(text) for (text,) in rows]
 
@@ -282,7 +305,7 @@ class DbRegistry(RegistryBackend):
         query = select(entries.c.manifest).where(entries.c.name == name)
         query = query.where(entries.c.version == version) if version is not None else query.order_by(entries.c.version.desc()).limit(1)
         with self._read() as conn:
-            text = conn.execute(query).scalar()
+            text = conn.execute(query).scalar() if conn is not None else None
         return self._parse(text) if text is not None else super().resolve(ref)  # the base class says what is missing
 
     def select(self, *, base=None, method=None, task=None, limit=None) -> list[Manifest]:
@@ -290,28 +313,30 @@ class DbRegistry(RegistryBackend):
 
     def count(self, *, base=None, method=None, task=None) -> int:
         with self._read() as conn:
-            return conn.execute(self._filtered(select(func.count()).select_from(entries), base, method, task)).scalar_one()
+            return conn.execute(self._filtered(select(func.count()).select_from(entries), base, method, task)).scalar_one() if conn is not None else 0
 
     def json_lines(self, *, base=None, method=None, task=None, limit=None) -> Iterator[bytes]:
         query = self._filtered(select(entries.c.manifest), base, method, task).order_by(entries.c.id).limit(limit)
         with self._read() as conn:
+            if conn is None:
+                return
             for (text,) in conn.execution_options(stream_results=True, yield_per=2000).execute(query):
                 yield text.encode()
 
     def from_source(self, kind, repo_id, revision) -> list[Manifest]:
         query = select(entries.c.manifest).where(entries.c.source_kind == kind, entries.c.source_repo == repo_id, entries.c.source_revision == revision)
         with self._read() as conn:
-            return [self._parse(text) for (text,) in conn.execute(query.order_by(entries.c.id))]
+            return [self._parse(text) for (text,) in conn.execute(query.order_by(entries.c.id))] if conn is not None else []
 
     def dangling(self) -> list[tuple[str, str]]:
         c = entries.alias("c")
         query = select(c.c.name, c.c.version, members.c.name, members.c.version).join(c, c.c.id == members.c.composition_id).where(members.c.member_id.is_(None))
         with self._read() as conn:
-            return [(f"{cn}@{cv}", f"{mn}@{mv}") for cn, cv, mn, mv in conn.execute(query.order_by(c.c.id, members.c.position))]
+            return [(f"{cn}@{cv}", f"{mn}@{mv}") for cn, cv, mn, mv in conn.execute(query.order_by(c.c.id, members.c.position))] if conn is not None else []
 
     def blob_hashes(self) -> set[str]:
         with self._read() as conn:
-            return set(conn.execute(select(files.c.sha256).distinct()).scalars())
+            return set(conn.execute(select(files.c.sha256).distinct()).scalars()) if conn is not None else set()
 
     # --- writing ---------------------------------------------------------------------------------------------
 
