@@ -115,10 +115,10 @@ def _ensure_blobs(m: Manifest, source: Registry, store: Store, work: Path, check
                     store.put(fetched, f.path)
                     problem = store.verify(f)
                 except ZooError as e:
-                    problem = e.message
-            checked[f.sha256] = problem
+                    problem = e.message.removeprefix(f"{m.ref}: ")  # names the file and the source already
+            checked[f.sha256] = problem if problem is None or problem.startswith(f.path) else f"{f.path}: {problem}"
         if checked[f.sha256] is not None:
-            return f"{f.path}: {checked[f.sha256]}"
+            return checked[f.sha256]
     return None
 
 

@@ -224,7 +224,7 @@ class DbRegistry(RegistryBackend):
             except exc.IntegrityError as e:
                 if attempt == RETRIES - 1:
                     raise ZooError(f"registry {self.location}: {' '.join(str(e.orig).split())}", "too many concurrent writers: retry") from None
-                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
         raise AssertionError("unreachable")
 
     # --- schema and migration -----------------------------------------------------------------------------------
@@ -340,8 +340,15 @@ class DbRegistry(RegistryBackend):
 
     # --- writing ---------------------------------------------------------------------------------------------
 
+    def _lock_name(self, conn: Connection, name: str) -> None:
+        """PostgreSQL: writers of one name queue (until commit) instead of racing for its next version; the unique
+        constraint stays the guarantee. (SQLite's writers already queue on the database's write lock.)"""
+        if not self.sqlite:
+            conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(name))))
+
     def add(self, manifest, *, new_version_of_same_source=False, before_commit: BeforeCommit | None = None) -> Manifest:
         def body(conn: Connection) -> Manifest:
+            self._lock_name(conn, manifest.name)
             rows = conn.execute(select(entries.c.manifest).where(entries.c.name == manifest.name).order_by(entries.c.version))
             m = manifest.model_copy(update={"version": next_version(manifest, [self._parse(t) for (t,) in rows], new_version_of_same_source)})
             self._insert_batch(conn, [m], allow_dangling=False, strict=True)
@@ -418,6 +425,7 @@ class DbRegistry(RegistryBackend):
         name, version = split_ref(ref)
 
         def body(conn: Connection) -> list[Manifest]:
+            self._lock_name(conn, name)
             query = select(entries.c.id, entries.c.manifest).where(entries.c.name == name)
             targets = conn.execute(query.where(entries.c.version == version) if version is not None else query).all()
             ids = [id_ for id_, _ in targets]
