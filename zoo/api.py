@@ -20,7 +20,7 @@ from zoo.errors import ZooError
 from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
 from zoo.gc import Garbage
 from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
-from zoo.paths import registry_location, store_root
+from zoo.paths import registry_location, store_is_shared, store_root
 from zoo.registry import RegistryBackend
 from zoo.safety import check_links
 from zoo.store import Store, sha256_file
@@ -217,7 +217,15 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
                 got = store.put(source / f.path, f.path)
                 if got.sha256 != f.sha256:
                     raise ZooError(f"{source / f.path} changed since it was registered (sha256 {got.sha256[:12]}… != {f.sha256[:12]}…)", "re-add it under a new name")
+    if store_is_shared():  # other machines write that store: what is read from it is checked (once per blob per process)
+        for f in manifest.files:
+            if f.sha256 not in _verified_shared and (problem := store.verify(f)):
+                raise ZooError(f"{manifest.ref}: {f.path} in the shared store {store.root} is {problem}", f"run `zoo verify --repair {manifest.ref}`")
+            _verified_shared.add(f.sha256)
     return store.adapter_dir(manifest)
+
+
+_verified_shared: set[str] = set()  # sha256 of shared-store blobs this process has hashed
 
 
 def list_adapters(

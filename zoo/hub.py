@@ -127,7 +127,7 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
         name (`str`, *optional*): registry name; default the name in `zoo.json`, else the repo's name part.
         allow_pickle (`bool`): accept a repo whose only weights are `adapter_model.bin` (loaded with
             `torch.load(weights_only=True)` and stored as safetensors).
-        registry: registry file (default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
+        registry: the registry (default `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`).
 
     Returns:
         The registered manifest.
