@@ -52,11 +52,14 @@ def best(fn, reps: int) -> float:
 
 
 def catalogue(path: Path, template: dict, n: int) -> None:
-    """A registry.json of `n` copies of `template` named e0 … e{n-1}."""
+    """A registry.json of `n` copies of `template` named e0 … e{n-1}; RARE of them have task "rare" and base
+    "org/rare-base", the others one of 100 bases."""
     with open(path, "w") as f:
         f.write('{"format": "adapter-zoo/registry", "schema_version": 1, "adapters": [')
         for i in range(n):
-            entry = {**template, "name": f"e{i}", "task": "rare" if i % max(n // RARE, 1) == 0 else "common"}
+            rare = i % max(n // RARE, 1) == 0
+            base = {**template["base_model"], "name_or_path": "org/rare-base" if rare else f"org/base-{i % 100}"}
+            entry = {**template, "name": f"e{i}", "task": "rare" if rare else "common", "base_model": base}
             f.write(("," if i else "") + "\n" + json.dumps(entry, separators=(",", ":")))
         f.write("\n]}\n")
 
@@ -83,6 +86,8 @@ def measure(n: int, work: Path) -> dict:
     row["show_api"] = best(lambda i: zoo.show(f"e{(n // 2 + i) % n}"), 10)
     row["filtered_cli"] = sub("list", "--task", "rare")
     row["filtered_api"] = best(lambda i: zoo.list_adapters(task="rare"), 10)
+    row["base_cli"] = sub("list", "--base", "rare")  # a substring of the base's name
+    row["base_api"] = best(lambda i: zoo.list_adapters(base="rare"), 10)
     row["list_cli"] = sub("list")  # the first rows, as a table
     row["add_cli"] = min(zoo_cli("add", str(src), "--name", f"cli{i}", env=env)[0] for i in range(3))
     row["add_api"] = best(lambda i: zoo.add(write_adapter(work / "src" / f"api{n}-{i}", i + 2), name=f"api{i}"), 10)
@@ -103,7 +108,7 @@ def plot(rows: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ns = [r["n"] for r in rows]
     for ax, suffix, title in ((axes[0], "cli", "`zoo …` subprocess (Python start-up included)"), (axes[1], "api", "in-process (Python API)")):
-        for key, label in (("show", "show"), ("add", "add"), ("remove", "remove"), ("filtered", "list --task (10 rows)"), ("json", "list --json (all)")):
+        for key, label in (("show", "show"), ("add", "add"), ("remove", "remove"), ("filtered", "list --task (10 rows)"), ("base", "list --base (10 rows)"), ("json", "list --json (all)")):
             ax.plot(ns, [r[f"{key}_{suffix}"] for r in rows], "o-", label=label)
         if suffix == "cli":
             ax.plot(ns, [r["import_s"] for r in rows], "k--", label="import (all)")
@@ -130,8 +135,8 @@ def main() -> None:
     ms = lambda s: fmt(s * 1e3)  # noqa: E731
     report.table(
         "Time (ms) of one command: `zoo` subprocess (Python start-up included) / in-process",
-        ["entries", "show", "add", "remove", "list --task (10 rows)", "list (first 50)", "list --json (all)", "import (all)"],
-        [[f"{r['n']:,}", *(f"{ms(r[k + '_cli'])[0]} / {ms(r[k + '_api'])[0]}" for k in ("show", "add", "remove", "filtered")),
+        ["entries", "show", "add", "remove", "list --task (10 rows)", "list --base (10 rows)", "list (first 50)", "list --json (all)", "import (all)"],
+        [[f"{r['n']:,}", *(f"{ms(r[k + '_cli'])[0]} / {ms(r[k + '_api'])[0]}" for k in ("show", "add", "remove", "filtered", "base")),
           ms(r["list_cli"]), f"{ms(r['json_cli'])[0]} / {ms(r['json_api'])[0]}", ms(r["import_s"])] for r in rows],
     )
     report.table(
@@ -142,8 +147,8 @@ def main() -> None:
     first, last = rows[0], rows[-1]
     report.table(
         f"Time at {last['n']:,} entries ÷ time at {first['n']:,} (target ≤ 1.5×)",
-        ["", "show", "add", "remove", "list --task"],
-        [[kind, *(ratio(last[f"{k}_{kind}"] / first[f"{k}_{kind}"]) for k in ("show", "add", "remove", "filtered"))] for kind in ("cli", "api")],
+        ["", "show", "add", "remove", "list --task", "list --base"],
+        [[kind, *(ratio(last[f"{k}_{kind}"] / first[f"{k}_{kind}"]) for k in ("show", "add", "remove", "filtered", "base"))] for kind in ("cli", "api")],
     )
     report.note(f"`zoo list --json` of {last['n']:,}: {last['json_cli']:.1f} s, {last['json_rss'] / 2**20:,.0f} MiB (target < 10 s, < 1 GB); "
                 f"`zoo import` of {last['n']:,}: {last['import_s']:.1f} s (target < 180 s).")

@@ -136,11 +136,12 @@ def register_folder(
     from zoo.gc import adding
 
     store = open_store()
-    with tempfile.TemporaryDirectory() as work, adding(store):  # a concurrent `zoo gc` keeps these blobs
+    with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config)
-        files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
-        return register(_adapter_manifest(adapter, name, source, size, files, task, tags, license), new_version_of_same_source=new_version_of_same_source, registry=registry)
+        with adding(store):  # from the first blob to the commit: a concurrent `zoo gc` keeps these blobs
+            files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
+            return register(_adapter_manifest(adapter, name, source, size, files, task, tags, license), new_version_of_same_source=new_version_of_same_source, registry=registry)
 
 
 def _adapter_manifest(adapter, name, source, size, files, task, tags, license) -> AdapterManifest:
