@@ -341,3 +341,44 @@ def test_two_machines_times_8_processes_share_a_postgresql_registry_and_a_store(
     garbage = {g.sha256 for g in zoo.api.gc()}  # the team registry may collect the shared store: just the removed weights
     assert len(garbage) == len(removed) and not garbage & named
     print(f"\n16 processes on 2 ZOO_HOMEs: {len(refs)} entries, {16 * count * 2} adds + stacks + removes in {seconds:.1f} s")
+
+
+def test_writers_killed_at_random_moments_lose_nothing_committed_on_postgresql(postgres_server, tmp_path, monkeypatch):
+    """The SIGKILL test of test_reliability.py against the team registry (a fresh database per trial): what a
+    killed writer's transaction did is all there or not at all, and the next writer just works."""
+    import random
+    import signal
+
+    from tests import pg
+    from tests.test_reliability import _read_reports, _writer, in_child
+
+    rng, after_a_commit = random.Random(7), 0
+    for trial in range(10):
+        home = tmp_path / f"t{trial}" / "home"
+        monkeypatch.setenv("ZOO_HOME", str(home))
+        monkeypatch.setenv("ZOO_REGISTRY", pg.fresh_database(postgres_server, f"kill_{trial}"))
+        read_end, write_end = os.pipe()
+        child = FORK.Process(target=in_child, args=(_writer, home, write_end, trial))
+        child.start()
+        os.close(write_end)
+        time.sleep(rng.uniform(0.1, 0.6))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL, f"trial {trial}: the writer failed before the kill"
+        committed, in_flight, reports = set(), None, _read_reports(read_end)
+        os.close(read_end)
+        for line in reports:
+            if line.startswith("? "):
+                in_flight = line[2:]
+            else:
+                op, name = line.split()
+                committed.add(name) if op == "+" else committed.discard(name)
+                in_flight = None
+        after_a_commit += bool(committed)
+        names = {m.name for m in zoo.list_adapters()}
+        maybe_added = {in_flight[2:]} if in_flight and in_flight[0] == "+" else set()
+        maybe_removed = {in_flight[2:]} if in_flight and in_flight[0] == "-" else set()
+        assert committed - maybe_removed <= names <= committed | maybe_added, (sorted(committed), sorted(names), in_flight)
+        assert [r.problem for r in zoo.verify()] == [None] * (2 * len(names))
+        assert zoo.add(write_adapter(home.parent / "after", 0), name="after").ref == "after@1"
+    assert after_a_commit >= 5  # the kills landed after real work

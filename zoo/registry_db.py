@@ -165,7 +165,7 @@ class DbRegistry(RegistryBackend):
                 raise ZooError(f"invalid registry URL {location!r}", "write postgresql://user@host:port/db") from None
             registry = cls(url, shown, None, None)
         elif scheme in ("sqlite", ""):
-            path = Path(make_url(location).database or "" if scheme else location).expanduser()
+            path = Path((make_url(location).database or "") if scheme else location).expanduser()
             if path.is_dir():
                 raise ZooError(f"registry {path} is a folder", "point --registry / ZOO_REGISTRY at a registry file (*.db or *.json)")
             registry = cls(f"sqlite:///{path.absolute()}", str(path), path.parent, path)
@@ -213,11 +213,15 @@ class DbRegistry(RegistryBackend):
                     raise
 
             wait_for(acquire, f"the registry {self.location}", LOCK_TIMEOUT_S)
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {LOCK_TIMEOUT_S * 1000}")
             try:
                 yield conn
                 conn.exec_driver_sql("COMMIT")
             except BaseException:
-                conn.exec_driver_sql("ROLLBACK")
+                try:
+                    conn.exec_driver_sql("ROLLBACK")
+                except exc.DBAPIError:
+                    pass  # SQLite rolled back already (a failed COMMIT): the original error is what matters
                 raise
 
     def _retrying(self, body: Callable[[Connection], T]) -> T:
