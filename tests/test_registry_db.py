@@ -418,5 +418,5 @@ def test_a_full_disk_at_any_point_of_an_add_leaves_the_whole_entry_or_nothing(tm
             registry_db._engines.clear()
             registry_db._ready.clear()
             subprocess.run(["umount", "-l", str(mount)], check=True)
-    failed_at = ["blobs" if "/blobs" in e else "links" if "adapters" in e or "->" in e else "registry" if "registry" in e else e for e in outcomes if e]
+    failed_at = ["links" if "/adapters" in e or " -> " in e else "blobs" if "/blobs" in e else "registry" if "registry" in e else e for e in outcomes if e]
     assert {"blobs", "registry", "links"} <= set(failed_at) and outcomes[-1] == "", outcomes  # each step ran out, then it fit
