@@ -151,7 +151,7 @@ def test_blobs_read_from_a_shared_store_are_hash_checked(tmp_path, monkeypatch):
     m = zoo.add(write_adapter(tmp_path / "a", 1), name="a")
     blob = tmp_path / "nas" / "blobs" / "sha256" / m.weights.sha256
     blob.write_bytes(blob.read_bytes()[:-1] + b"x")  # another machine's bad write: same size, other bytes
-    with pytest.raises(ZooError, match=r"adapter_model.safetensors in the shared store .* is sha256"):
+    with pytest.raises(ZooError, match=r"a@1: the stored adapter_model.safetensors is corrupt \(sha256"):
         zoo.api.adapter_folder(m)
 
 
@@ -382,41 +382,3 @@ def test_writers_killed_at_random_moments_lose_nothing_committed_on_postgresql(p
         assert [r.problem for r in zoo.verify()] == [None] * (2 * len(names))
         assert zoo.add(write_adapter(home.parent / "after", 0), name="after").ref == "after@1"
     assert after_a_commit >= 5  # the kills landed after real work
-
-
-def test_a_full_disk_at_any_point_of_an_add_leaves_the_whole_entry_or_nothing(tmp_path, monkeypatch, zoo_cli):
-    """ZOO_HOME on a tmpfs with 4 … 24 inodes (root mounts them; CI runs as root): the add runs out of inodes at
-    every step in turn — blobs, the registry's files, the link folder — and either succeeds whole or fails in one
-    line with nothing registered (was: exit 2, entry registered)."""
-    import subprocess
-
-    from zoo import registry_db
-
-    src, outcomes = write_adapter(tmp_path / "src", 1), []  # per size: the error line ('' once it fits)
-    for inodes in range(4, 25):
-        mount = tmp_path / f"disk{inodes}"
-        mount.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=4m,nr_inodes={inodes}", "tmpfs", str(mount)], check=True)
-        try:
-            monkeypatch.setenv("ZOO_HOME", str(mount / "home"))
-            code, out, err = zoo_cli("add", src, "--name", "a")
-            try:
-                refs = [m.ref for m in zoo.list_adapters()]
-            except ZooError as e:  # the database could not even be made: nothing is in it either
-                assert "full" in str(e), e
-                refs = []
-            if code == 0:
-                assert refs == ["a@1"] and [r.problem for r in zoo.verify()] == [None, None], inodes
-            else:
-                lines = err.strip().splitlines()
-                assert code == 2 and len(lines) == 1 and ("No space left" in err or "full" in err), err
-                assert refs == [], (inodes, err)
-            outcomes.append(err)
-        finally:
-            for engine in registry_db._engines.values():  # close the database files before unmounting
-                engine.dispose()
-            registry_db._engines.clear()
-            registry_db._ready.clear()
-            subprocess.run(["umount", "-l", str(mount)], check=True)
-    failed_at = ["links" if "/adapters" in e or " -> " in e else "blobs" if "/blobs" in e else "registry" if "registry" in e else e for e in outcomes if e]
-    assert {"blobs", "registry", "links"} <= set(failed_at) and outcomes[-1] == "", outcomes  # each step ran out, then it fit

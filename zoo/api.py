@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from compose.errors import CompositionError
 from zoo.errors import ZooError
-from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
+from zoo.formats.folder import folder_files, read_adapter_folder
 from zoo.gc import Garbage
+from zoo.interrupts import deferred as _deferred_signals
 from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
-from zoo.paths import registry_location, store_is_shared, store_root
+from zoo.paths import registry_location, store_root
 from zoo.registry import RegistryBackend
-from zoo.safety import check_links
-from zoo.store import Store, sha256_file
+from zoo.safety import copy_inside
+from zoo.store import Store, no_space
 
 PathLike = str | os.PathLike
 
@@ -102,17 +107,41 @@ def add(
     Example:
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP
     """
-    from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES
+    from zoo.formats.adapterhub import FUSION_CONFIG_NAME
 
     folder = Path(path)
-    check_links(folder, ["adapter_config.json", *(n for names in WEIGHTS_NAMES.values() for n in names), FUSION_CONFIG_NAME, *FUSION_WEIGHTS_NAMES])  # no file from outside it
+    name = check_name(folder.resolve().name if name is None else name)
+    if not folder.exists():
+        raise ZooError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise ZooError(f"{folder} is not a folder", "point at the folder holding adapter_config.json")
     reg = open_registry(registry)
     source = Source(kind="local", path=_source_path(folder, reg))
-    if (folder / FUSION_CONFIG_NAME).is_file():
-        from zoo.composition import register_fusion_folder
+    with open_store().staging() as stage, _reported_as(stage, folder):
+        copy_inside(folder, folder_files(), stage)  # each file opened once, no link out of the folder followed
+        if (stage / FUSION_CONFIG_NAME).is_file():
+            from zoo.composition import register_fusion_folder
 
-        return register_fusion_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, registry=registry)
-    return register_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, registry=registry)
+            return register_fusion_folder(stage, name=name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, staged=True, registry=registry)
+        return register_folder(stage, name=name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, staged=True, registry=registry)
+
+
+@contextmanager
+def _reported_as(stage: Path, folder: Path) -> Iterator[None]:
+    """Errors and warnings about the staged copy name the user's folder instead."""
+    def mend(text: str) -> str:
+        return text.replace(str(stage), str(folder))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except ZooError as e:
+            raise ZooError(mend(e.message), e.hint and mend(e.hint)) from None
+        except CompositionError as e:
+            raise CompositionError(mend(str(e))) from None
+    for w in caught:
+        warnings.warn_explicit(mend(str(w.message)), w.category, w.filename, w.lineno)
 
 
 def register_folder(
@@ -126,9 +155,11 @@ def register_folder(
     allow_pickle: bool = False,
     base: PathLike | None = None,
     new_version_of_same_source: bool = False,
+    staged: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Store an adapter folder's files and register them under `name` (see `add` and `register`)."""
+    """Store an adapter folder's files and register them under `name` (see `add` and `register`).
+    `staged`: `folder` is a `Store.staging()` folder, whose files are moved into the store, not copied."""
     name = check_name(name)
     reg = open_registry(registry)
     if reg.versions(name) and not new_version_of_same_source:
@@ -140,7 +171,7 @@ def register_folder(
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config)
         with adding(store):  # from the first blob to the commit: a concurrent `zoo gc` keeps these blobs
-            files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
+            files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
             return register(_adapter_manifest(adapter, name, source, size, files, task, tags, license), new_version_of_same_source=new_version_of_same_source, registry=registry)
 
 
@@ -178,9 +209,9 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
     `new_version_of_same_source` and every version of that name came from the same Hub repo or local
     folder: then it becomes the next version (decided in the registry's transaction).
 
-    A composition's members must be registered with the weights it pinned. The order makes a failure at any
-    point leave the whole entry or nothing: blobs (already stored), then the link folder, then the registry
-    row commits last; a failure before the commit removes the link folder again."""
+    A composition's members must be registered with the weights it pinned. Blobs, then the folder of links,
+    then the registry row, which commits last: the row never names a folder or a blob that is not there, and
+    a failure before the commit leaves no entry (the folder is taken back)."""
     from zoo.gc import adding
 
     store, linked = open_store(), []
@@ -189,13 +220,15 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
         linked.append(m)
         store.adapter_dir(m)
 
-    with adding(store):
-        try:
+    try:
+        with adding(store), _deferred_signals():
             return open_registry(registry).add(manifest, new_version_of_same_source=new_version_of_same_source, before_commit=link)
-        except BaseException:
-            for m in linked:
-                store.drop_adapter_dir(m)
-            raise
+    except BaseException as e:
+        for m in linked:
+            store.drop_adapter_dir(m)
+        if isinstance(e, OSError) and (full := no_space(e, store.root)) is not e:
+            raise full from None
+        raise
 
 
 def _source_path(folder: Path, reg: RegistryBackend) -> str:
@@ -207,10 +240,12 @@ def _source_path(folder: Path, reg: RegistryBackend) -> str:
 
 
 def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> Path:
-    """The stored folder of `manifest`; files missing from the store are fetched again from a local
-    source first (e.g. a registry shipped with its adapters), and must hash to the manifest's sha256."""
+    """The stored folder of `manifest`, every blob checked against its sha256 (once per process): the one
+    way zoo reads a registered entry's files (load, compose, merge, inspect, push). Files missing from the
+    store are fetched again from a local source first (e.g. a registry shipped with its adapters), and must
+    hash to the manifest's sha256; a corrupt blob is refused in one line (`zoo verify --repair` repairs it)."""
     store = open_store()
-    missing = [f for f in manifest.files if not store.has(f)]
+    missing = [f for f in manifest.files if not store.present(f)]
     if missing and manifest.source.kind == "local" and manifest.source.path:
         source = open_registry(registry).source_folder(manifest.source.path)
         for f in missing:
@@ -218,15 +253,7 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
                 got = store.put(source / f.path, f.path)
                 if got.sha256 != f.sha256:
                     raise ZooError(f"{source / f.path} changed since it was registered (sha256 {got.sha256[:12]}… != {f.sha256[:12]}…)", "re-add it under a new name")
-    if store_is_shared():  # other machines write that store: what is read from it is checked (once per blob per process)
-        for f in manifest.files:
-            if f.sha256 not in _verified_shared and (problem := store.verify(f)):
-                raise ZooError(f"{manifest.ref}: {f.path} in the shared store {store.root} is {problem}", f"run `zoo verify --repair {manifest.ref}`")
-            _verified_shared.add(f.sha256)
     return store.adapter_dir(manifest)
-
-
-_verified_shared: set[str] = set()  # sha256 of shared-store blobs this process has hashed
 
 
 def list_adapters(
