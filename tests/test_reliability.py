@@ -154,7 +154,7 @@ def test_sigkill_at_random_moments_never_loses_a_committed_entry(tmp_path, monke
         child = FORK.Process(target=in_child, args=(_writer, home, write_end, trial))
         child.start()
         os.close(write_end)
-        time.sleep(rng.uniform(0.0, 0.12))
+        time.sleep(rng.uniform(0.0, 0.25))  # a writer's first add also creates its registry database (~0.1 s)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL, f"trial {trial}: the writer failed before the kill"

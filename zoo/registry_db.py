@@ -85,7 +85,7 @@ schema_table = Table("zoo_schema", metadata, Column("version", Integer, nullable
 
 
 def _create_v1(conn: Connection) -> None:
-    metadata.create_all(conn)
+    metadata.create_all(conn, checkfirst=False)  # version 0: nothing there (DDL is transactional on both databases)
 
 
 #: MIGRATIONS[i] takes a database from schema version i to i + 1 (a later version appends its ALTERs here).
