@@ -133,6 +133,9 @@ def main() -> None:
         ["", "show", "add", "remove", "list --task", "list --base"],
         [[kind, *(ratio(last[f"{k}_{kind}"] / first[f"{k}_{kind}"]) for k in ("show", "add", "remove", "filtered", "base"))] for kind in ("cli", "api")],
     )
+    report.note(f"at {last['n']:,} entries ÷ at {first['n']:,}: " + ", ".join(
+        f"{k} {last[k + '_cli'] / first[k + '_cli']:.2f}× (subprocess) / {last[k + '_api'] / first[k + '_api']:.2f}× (in-process)"
+        for k in ("show", "add", "remove", "filtered", "base")))
     report.note(f"`zoo list --json` of {last['n']:,}: {last['json_wall']:.1f} s wall ({last['json_cli']:.1f} s CPU), {last['json_rss'] / 2**20:,.0f} MiB "
                 f"(target < 10 s, < 1 GB); `zoo import` of {last['n']:,}: {last['import_wall']:.1f} s wall ({last['import_s']:.1f} s CPU) (target < 180 s).")
     report.save(args.json, rows=rows)  # plots.py draws registry_scaling.png from it
