@@ -69,14 +69,18 @@ def measure_tensors(weights: Path) -> SizeInfo:
     return SizeInfo(trainable_params=sum(d.params for d in by_dtype.values()), bytes=sum(d.bytes for d in by_dtype.values()), by_dtype=by_dtype)
 
 
-def measure_size(weights: Path, config: MethodConfig) -> SizeInfo:
-    """Sizes from the safetensors header; for LoRA every module's rank must be the one the config gives it
-    (other methods' shapes are checked against the model when attached)."""
-    if config.method != "lora":
-        return measure_tensors(weights)
+def measure_size(weights: Path, config: MethodConfig, raw_config: dict | None = None) -> SizeInfo:
+    """Sizes from the safetensors header, after the checks `zoo inspect` makes of it with the adapter's own
+    config (`raw_config`), so nothing is stored that inspect refuses; for LoRA every module's rank must be
+    the one the config gives it (shapes are checked against the model when attached)."""
     from zoo.inspect import inspect_adapter
 
-    report = inspect_adapter(weights, config={"peft_type": "LORA", **config.model_dump()})
+    if raw_config is None and config.method == "lora":
+        raw_config = {"peft_type": "LORA", **config.model_dump()}
+    if raw_config is not None:
+        report = inspect_adapter(weights, config=raw_config)
+    if config.method != "lora":
+        return measure_tensors(weights)
     for row in report.modules:
         if row.rank != config.rank_for(row.module):
             raise ZooError(
@@ -169,7 +173,7 @@ def register_folder(
     store = open_store()
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
-        size = measure_size(adapter.weights, adapter.config)
+        size = measure_size(adapter.weights, adapter.config, adapter.raw_config)
         with adding(store):  # from the first blob to the commit: a concurrent `zoo gc` keeps these blobs
             files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
             return register(_adapter_manifest(adapter, name, source, size, files, task, tags, license), new_version_of_same_source=new_version_of_same_source, registry=registry)
