@@ -180,6 +180,7 @@ def register_folder(
 
 
 def _adapter_manifest(adapter, name, source, size, files, task, tags, license) -> AdapterManifest:
+    """The manifest of an adapter folder read by `read_adapter_folder`, its files stored."""
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
     return AdapterManifest(
