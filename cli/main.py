@@ -47,9 +47,9 @@ def _options(
     """A model-zoo registry and composition tool for parameter-efficient adapters."""
 
 
-RegistryOpt = Annotated[
-    Optional[Path],
-    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+RegistryOpt = Annotated[  # a str, not a Path: Path would fold postgresql:// into postgresql:/
+    Optional[str],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry: a *.db file (SQLite), a *.json file, or postgresql://user@host:port/db (default: $ZOO_HOME/registry.db).", show_envvar=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -85,7 +85,7 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Import an adapter folder into the store and register it (hashes and sizes are measured).
-    Under a NAME that exists, changed files become its next version (NAME@2); the same files change nothing."""
+    Under a NAME added from the same folder, changed files become its next version (NAME@2); the same files change nothing."""
     from zoo import api
     from zoo.units import human_bytes
 
@@ -142,40 +142,61 @@ def _manifest_row(m, short_base: bool) -> list[str]:
     ]
 
 
+LIST_ROWS = 50  # a table longer than a screen or two is read with filters, --limit or --json
+
+
 @app.command("list")
 def list_(
     base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model (substring).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Only this method, e.g. lora.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=f"Show at most this many (table default {LIST_ROWS}; 0: all; --json default: all).")] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered adapters (every version): a table on a terminal, one line per entry in a pipe."""
+    """List registered adapters (every version), oldest first: a table on a terminal, one line per entry in a pipe."""
     from zoo import api
+    from zoo.errors import ZooError
 
-    found = api.list_adapters(base=base, method=method, task=task, registry=registry)
-    if as_json:
-        return print_json([m.model_dump(mode="json") for m in found])
-    if not sys.stdout.isatty():  # for grep, cut and friends: aligned columns, never wrapped
+    if limit is not None and limit < 0:
+        raise ZooError(f"--limit {limit} is negative", "give a count, or 0 for all")
+    reg = api.open_registry(registry)
+    if as_json:  # streamed as stored, one entry per line: 100,000 entries never sit in memory
+        out, first = sys.stdout, True
+        out.write("[")
+        for line in reg.json_lines(base=base, method=method, task=task, limit=limit or None):
+            out.write(("\n" if first else ",\n") + line.decode())
+            first = False
+        out.write("]\n" if first else "\n]\n")
+        out.flush()
+        return
+    shown = LIST_ROWS if limit is None else limit or None
+    found = reg.select(base=base, method=method, task=task, limit=shown)
+    total = reg.count(base=base, method=method, task=task) if shown is not None and len(found) == shown else len(found)
+    more = f"… {total - len(found):,} more: filter (--base, --method, --task), or --limit 0 for all, --json for JSON" if total > len(found) else None
+    if not sys.stdout.isatty():  # for grep, cut and friends: a header and aligned columns, never wrapped; notes on stderr
         rows = [[name for name, _ in LIST_COLUMNS], *(_manifest_row(m, short_base=False) for m in found)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS))]
         for row in rows:
             cells = (cell.rjust(w) if justify == "right" else cell.ljust(w) for cell, w, (_, justify) in zip(row, widths, LIST_COLUMNS))
             typer.echo("  ".join(cells).rstrip())
+        if more:
+            typer.echo(f"{total:,} adapter version(s) in {reg.location}; {more}", err=True)
         return
-    from rich import box
     from rich.table import Table
 
     c = console()
     columns, rows = _fit_columns([_manifest_row(m, short_base=True) for m in found], c.width)
     hidden = [name for name, justify in LIST_COLUMNS if (name, justify) not in columns]
-    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}", box=None, pad_edge=False, padding=(0, 1),
+    table = Table(title=f"{total:,} adapter version(s) in {reg.location}", box=None, pad_edge=False, padding=(0, 1),
                   caption=f"not shown at this width: {', '.join(hidden)} (zoo show NAME, zoo list --json)" if hidden else None)
     for (col, justify), width in columns.items():
         table.add_column(col, justify=justify, no_wrap=True, overflow="ellipsis", width=width)
     for row in rows:
         table.add_row(*row)
-    console().print(table)
+    c.print(table)
+    if more:
+        typer.echo(more)
 
 
 @app.command()
@@ -210,12 +231,76 @@ def show(
 
 
 @app.command()
-def remove(name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")], registry: RegistryOpt = None) -> None:
-    """Unregister an adapter (its blobs stay in the store while other adapters may share them)."""
+def remove(
+    name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    cascade: Annotated[bool, typer.Option("--cascade", help="Also remove the compositions that use it (refused otherwise).")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Unregister an adapter (its blobs stay in the store until `zoo gc`)."""
     from zoo import api
 
-    for m in api.remove(name, registry=registry):
+    for m in api.remove(name, cascade=cascade, registry=registry):
         typer.echo(f"removed {m.ref}")
+
+
+@app.command()
+def gc(
+    yes: Annotated[bool, typer.Option("--yes", help="Delete them (default: only list them, a dry run).")] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free the store's blobs no registry entry names (left by `zoo remove`); a dry run unless --yes."""
+    from zoo import api
+    from zoo.units import human_bytes
+
+    garbage = api.gc(delete=yes, registry=registry)
+    if as_json:
+        return print_json([g.__dict__ for g in garbage])
+    for g in garbage:
+        typer.echo(f"{'deleted' if g.deleted else 'unused'} {g.sha256} {human_bytes(g.size)}")
+    total = human_bytes(sum(g.size for g in garbage))
+    if yes:
+        typer.echo(f"freed {total} ({len(garbage)} blob(s))")
+    else:
+        typer.echo(f"{len(garbage)} unused blob(s), {total}" + ("; `zoo gc --yes` deletes them" if garbage else ""))
+
+
+@app.command("export")
+def export(
+    name: Annotated[Optional[str], typer.Argument(help="Reserved: one adapter to export in another format (not yet). Without it: the whole registry.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="File to write (default: stdout).")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Write the registry as a registry.json file (the interchange format), e.g. to move it to a team database."""
+    from zoo.errors import ZooError
+    from zoo.interchange import export_registry
+
+    if name is not None:
+        raise ZooError(f"`zoo export {name}` (one adapter in another format) is not available yet", "run `zoo export --out FILE` for the whole registry")
+    count = export_registry(out, registry=registry)
+    if out is not None:
+        typer.echo(f"exported {count:,} entries to {out}", err=True)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A registry.json file (from `zoo export`, or the repo's catalogue).")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every entry of a registry.json file, names and versions kept; blobs come from the store or from each
+    entry's recorded source, hash-checked. Conflicting entries are reported (exit code 1) and skipped."""
+    from zoo.interchange import import_registry
+
+    report = import_registry(path, registry=registry, progress=_interactive(as_json))
+    if as_json:
+        print_json(report.__dict__)
+    else:
+        for ref, why in report.conflicts:
+            typer.echo(f"conflict {ref}: {why}")
+        typer.echo(f"imported {report.added:,} entries from {path}; {report.unchanged:,} already there; {len(report.conflicts):,} conflict(s)")
+    if report.conflicts:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -243,7 +328,7 @@ def verify(
         raise typer.Exit(1)
 
 
-def _repair(name: str | None, registry: Path | None, as_json: bool) -> None:
+def _repair(name: str | None, registry: str | None, as_json: bool) -> None:
     from zoo.errors import ZooError
     from zoo.repair import repair
 
