@@ -282,10 +282,10 @@ def test_list_shows_the_first_rows_and_says_how_many_more(tmp_path, zoo_cli, mon
     for i in range(4):
         zoo.add(write_adapter(tmp_path / f"a{i}", i + 1), name=f"a{i}", task="even" if i % 2 == 0 else "odd")
     monkeypatch.setattr("cli.main.LIST_ROWS", 3)
-    code, out, _ = zoo_cli("list")
-    assert code == 0 and "4 adapter version(s)" in out and "a2" in out and "a3" not in out and "… 1 more:" in out
-    code, out, _ = zoo_cli("list", "--limit", "1", "--task", "even")
-    assert "2 adapter version(s)" in out and "a0" in out and "a2" not in out
+    code, out, err = zoo_cli("list")  # not a terminal: the rows on stdout, the count and what is left out on stderr
+    assert code == 0 and "4 adapter version(s)" in err and "a2" in out and "a3" not in out and "… 1 more:" in err
+    code, out, err = zoo_cli("list", "--limit", "1", "--task", "even")
+    assert "2 adapter version(s)" in err and "a0" in out and "a2" not in out
     assert [e["name"] for e in json.loads(zoo_cli("list", "--json")[1])] == ["a0", "a1", "a2", "a3"]
     assert [e["name"] for e in json.loads(zoo_cli("list", "--json", "--limit", "2")[1])] == ["a0", "a1"]
     assert json.loads(zoo_cli("list", "--json", "--task", "none")[1]) == []
