@@ -82,7 +82,7 @@ def search(
     for r in found:
         tags = [t for t in r["tags"] if not t.startswith(("base_model:", "license:", "region:")) and t != r["library_name"]]
         table.add_row(r["id"], r["library_name"] or "-", ", ".join(tags) or "-", (r["last_modified"] or "-")[:10])
-    Console(soft_wrap=False, markup=False).print(table)  # tags come from the Hub: shown, never parsed as markup
+    Console(soft_wrap=False, markup=False, highlight=False).print(table)  # tags come from the Hub: shown, never parsed as markup
 
 
 def register_hub_commands(app: typer.Typer) -> None:

@@ -35,7 +35,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 def console():
     from rich.console import Console
 
-    return Console(soft_wrap=False, markup=False)  # names, tasks, tensor names are shown as they are, never parsed as markup
+    return Console(soft_wrap=False, markup=False, highlight=False)  # names, tasks, tensor names: shown as they are, never parsed as markup, nor scanned by rich's highlighter (quadratic in a long task)
 
 
 def print_json(data: Any) -> None:
@@ -207,9 +207,10 @@ def inspect(
     from zoo import api
     from zoo.inspect import inspect_adapter, render_inspect
 
-    path = Path(adapter)
-    if not path.exists():
-        path = api.adapter_folder(api.show(adapter, registry=registry), registry=registry)
+    from zoo.refs import is_ref
+
+    # a bare name is the registry entry, never a file of that name in the working directory (write ./NAME for that)
+    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if is_ref(adapter) else Path(adapter)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))

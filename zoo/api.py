@@ -13,17 +13,22 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, TypeVar
+
+from pydantic import ValidationError
 
 from zoo.errors import ZooError
 from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
-from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
+from zoo.formats.tensor_values import check_tensor_values
+from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name, validation_message
 from zoo.paths import registry_path, zoo_home
+from zoo.refs import is_ref, split_ref
 from zoo.registry import Registry
 from zoo.safety import check_links
 from zoo.store import Store, sha256_file
 
 PathLike = str | os.PathLike
+M = TypeVar("M")
 
 
 def open_registry(registry: PathLike | None = None) -> Registry:
@@ -130,11 +135,13 @@ def register_folder(
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config)
+        check_tensor_values(adapter.weights)
         store = open_store()
         files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
-    manifest = AdapterManifest(
+    manifest = build_manifest(
+        AdapterManifest,
         name=name,
         method=adapter.config,
         format=adapter.format,
@@ -149,6 +156,14 @@ def register_folder(
         extra_config=adapter.unknown_keys,
     )
     return register(manifest, new_version_of_same_source=new_version_of_same_source, registry=registry)
+
+
+def build_manifest(kind: type[M], what: str = "adapter", **fields: Any) -> M:
+    """`kind(**fields)`, with an invalid field (a type or value the input got wrong) as a one-line `ZooError`."""
+    try:
+        return kind(**fields)
+    except ValidationError as e:
+        raise ZooError(validation_message(e, what)) from None
 
 
 def _base_config(base: PathLike | None) -> dict | None:
@@ -223,13 +238,26 @@ def show(ref: str, *, registry: PathLike | None = None) -> Manifest:
     return open_registry(registry).resolve(ref)
 
 
+def lookup(ref: str, *, registry: PathLike | None = None) -> Manifest:
+    """The registry entry `ref` names, for commands that take an entry or a path: a bare name always means the
+    entry; if there is none but the working directory holds a file or folder of that name, the error says to
+    write `./NAME` (a folder never silently takes an entry's place, nor the other way round)."""
+    try:
+        return open_registry(registry).resolve(ref)
+    except ZooError as e:
+        if is_ref(ref) and os.path.lexists(ref):
+            kind = "folder" if os.path.isdir(ref) else "file"
+            raise ZooError(f"{e.message}; {ref!r} is a {kind} here, and a bare name means a registry entry", f"write ./{ref} to use the {kind}") from None
+        raise
+
+
 def remove(ref: str, *, registry: PathLike | None = None) -> list[Manifest]:
     """Unregister 'name' (every version) or 'name@version'; returns what was removed."""
     reg = open_registry(registry)
     reg.resolve(ref)  # a clear error if nothing matches
-    name, version = ref.partition("@")[0], ref.partition("@")[2]
+    name, version = split_ref(ref)  # the parser `resolve` used: `remove` drops exactly what `show` shows
     with reg.transaction() as adapters:
-        removed = [m for m in adapters if m.name == name and (not version or str(m.version) == version)]
+        removed = [m for m in adapters if m.name == name and version in (None, m.version)]
         adapters[:] = [m for m in adapters if m not in removed]
     store = open_store()
     for m in removed:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from zoo.errors import ZooError
 from zoo.manifest import Manifest, validation_message
+from zoo.refs import split_ref
 from zoo.store import fsync_dir
 
 LOCK_TIMEOUT_S = 60
@@ -54,16 +55,6 @@ def _line(m: Manifest) -> bytes:
         known = _by_id[id(m)] = (m, line)
         _by_line.setdefault(line, m)
     return known[1]
-
-
-def split_ref(ref: str) -> tuple[str, int | None]:
-    """'name' → (name, None); 'name@3' → (name, 3)."""
-    name, sep, version = ref.partition("@")
-    if not sep:
-        return name, None
-    if not version.isdigit():
-        raise ZooError(f"invalid reference {ref!r}", "use NAME or NAME@VERSION with a whole-number version")
-    return name, int(version)
 
 
 class Registry:

@@ -29,7 +29,7 @@ from torch import nn
 
 from compose.errors import CompositionError
 from compose.merge.report import MergeReport, ModuleReport, QuantError
-from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_layout
+from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_json, read_layout
 
 CONFIG_NAME = "config.json"
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -104,9 +104,10 @@ def merge_checkpoint(
             raise CompositionError(f"unknown dtype {dtype!r}; use one of {', '.join(FLOAT_DTYPES)}")
         dtype = getattr(torch, dtype)
     layout = read_layout(base_dir)
-    config = json.loads((base_dir / CONFIG_NAME).read_text()) if (base_dir / CONFIG_NAME).is_file() else {}
+    config = read_json(base_dir / CONFIG_NAME) if (base_dir / CONFIG_NAME).is_file() else {}
     if "quantization_config" in config:
-        raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base with quantize=")
+        method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+        raise CompositionError(f"{base_dir} is already quantized ({method}); merge into its full-precision base with quantize=")
     shapes = _shapes(base_dir, layout.shards)
     conv1d, quantized = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
     targets = _targets(deltas, shapes, conv1d)
@@ -127,6 +128,7 @@ def merge_checkpoint(
                     method = quantize if key in quantized else None
                     tensors, error = _merge_tensor(key, tensor, terms, dtype, key in conv1d, method, dequantize, double_quant)
                     for name, t in tensors.items():
+                        _check_finite(name, t, terms, dtype)
                         writer.add(name, t)
                         weight_map[name] = shard
                     if path is not None:
@@ -144,6 +146,14 @@ def merge_checkpoint(
         raise
     report.seconds, report.peak_rss_bytes = time.perf_counter() - start, _peak_rss()
     return report
+
+
+def _check_finite(name: str, tensor: torch.Tensor, terms: list | None, dtype: torch.dtype | None) -> None:
+    """A merge never writes NaN or ±Inf: they come from an adapter whose values or scaling overflow, or from
+    a cast to a dtype too narrow for the weights (fp16 stops at 65504)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        cause = "the adapters' deltas overflow (check lora_alpha and the adapter's values)" if terms else f"the base holds them, or its values do not fit {dtype or tensor.dtype}"
+        raise CompositionError(f"merged tensor '{name}' holds NaN or ±Inf: {cause}; nothing was written")
 
 
 def _merge_tensor(
@@ -240,12 +250,18 @@ def _meta_model(config: dict) -> nn.Module | None:
     import transformers
     from transformers import CONFIG_MAPPING, AutoModel
 
-    if config["model_type"] not in CONFIG_MAPPING:
+    if not isinstance(config["model_type"], str) or config["model_type"] not in CONFIG_MAPPING:
         return None
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-    model_class = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    with torch.device("meta"):
-        return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    architectures = config.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else ""
+    model_class = getattr(transformers, name, None)
+    try:
+        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        with torch.device("meta"):
+            return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # values of the wrong type or range
+        raise CompositionError(f"{CONFIG_NAME}: transformers cannot build the {config['model_type']} model it describes "
+                               f"({type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}); fix or re-download it") from None
 
 
 def _targets(deltas: Mapping[str, Sequence], shapes: dict[str, list[int]], conv1d: set[str] | None) -> dict[str, tuple[str, list]]:
