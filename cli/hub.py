@@ -8,6 +8,7 @@ start without them. The client takes its token from `HF_TOKEN` or `hf auth login
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -35,7 +36,7 @@ def pull(
     from zoo import hub
     from zoo.units import human_bytes
 
-    m = hub.pull(repo_id, name=name, allow_pickle=allow_pickle, registry=registry)
+    m = hub.pull(repo_id, name=name, allow_pickle=allow_pickle, progress=not as_json and sys.stderr.isatty(), registry=registry)
     if as_json:
         return _print_json(m.model_dump(mode="json"))
     typer.echo(
@@ -55,7 +56,7 @@ def push(
     """Upload an entry's files, its manifest (zoo.json) and a model card to a Hub repo, in one commit."""
     from zoo import hub
 
-    url = hub.push(name, repo_id, private=private, branch=branch, registry=registry)
+    url = hub.push(name, repo_id, private=private, branch=branch, progress=not as_json and sys.stderr.isatty(), registry=registry)
     if as_json:
         return _print_json({"pushed": name, "commit_url": url})
     typer.echo(f"pushed {name}: {url}")

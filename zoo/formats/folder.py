@@ -129,11 +129,11 @@ def load_adapter_state(folder: Path, config: MethodConfig, fmt: Format, *, allow
     if fmt == "adapterhub":
         from zoo.formats.adapterhub import read_adapterhub_adapter
 
-        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=_attention_layout(config))[1]
+        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=attention_layout(config))[1]
     return peft_format.strip_prefix(peft_format.load_state(peft_format.weights_file(folder, allow_pickle)))
 
 
-def _attention_layout(config: MethodConfig) -> dict | None:
+def attention_layout(config: MethodConfig) -> dict | None:
     """The part of a base config that AdapterHub's prefix import needs, from a prefix already imported once."""
     prefix = config if config.method == "prefix" else getattr(config, "prefix", None)
     if prefix is None:
