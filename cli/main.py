@@ -207,10 +207,10 @@ def inspect(
     from zoo import api
     from zoo.inspect import inspect_adapter, render_inspect
 
-    from zoo.refs import is_ref
+    from zoo.refs import is_path
 
     # a bare name is the registry entry, never a file of that name in the working directory (write ./NAME for that)
-    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if is_ref(adapter) else Path(adapter)
+    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if not is_path(adapter) else Path(adapter)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))

@@ -17,7 +17,7 @@ from zoo.api import PathLike, adapter_folder, lookup, open_registry, split_adapt
 from zoo.errors import ZooError
 from zoo.formats.folder import load_adapter_state, read_adapter_folder
 from zoo.manifest import AdapterManifest, CompositionManifest, MethodConfig
-from zoo.refs import is_ref
+from zoo.refs import is_path
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
     """Registry references ('name', 'name@2'), adapter folders, or compositions → adapters (+ fusion)."""
     out = Resolved()
     for item in split_adapters(items):
-        if not is_ref(item):  # a path (./s, /abs/s): a bare name is always a registry entry
+        if is_path(item):  # ./s, /abs/s: a bare name is always a registry entry
             if not Path(item).is_dir():
                 raise ZooError(f"{item!r} is not an adapter folder, nor a registry reference", "write NAME[@VERSION] for a registered adapter, or the path of a folder")
             with tempfile.TemporaryDirectory() as work:

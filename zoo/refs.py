@@ -8,6 +8,7 @@ means the registry entry, never a folder of that name that happens to be in the 
 
 from __future__ import annotations
 
+import os
 import re
 
 from zoo.errors import ZooError
@@ -34,9 +35,16 @@ def split_ref(ref: str) -> tuple[str, int | None]:
 
 
 def is_ref(text: str) -> bool:
-    """Whether `text` reads as a registry reference (else it is a path)."""
+    """Whether `text` reads as a registry reference."""
     try:
         split_ref(text)
     except ZooError:
         return False
     return True
+
+
+def is_path(text: str) -> bool:
+    """Whether a command that takes an entry or a path should read `text` as a path: it has a path separator or
+    starts with '.' or '~' (`./s`, `/abs/s`, `~/s`), or it is no reference but names something on disk (`my folder`).
+    Anything else is a reference, and a malformed one (`s@01`) gets the reference's own error, not "no such file"."""
+    return "/" in text or os.sep in text or text.startswith((".", "~")) or (not is_ref(text) and os.path.lexists(text))
