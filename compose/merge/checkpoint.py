@@ -128,7 +128,6 @@ def merge_checkpoint(
                     method = quantize if key in quantized else None
                     tensors, error = _merge_tensor(key, tensor, terms, dtype, key in conv1d, method, dequantize, double_quant)
                     for name, t in tensors.items():
-                        _check_finite(name, t, terms, dtype)
                         writer.add(name, t)
                         weight_map[name] = shard
                     if path is not None:
@@ -148,12 +147,11 @@ def merge_checkpoint(
     return report
 
 
-def _check_finite(name: str, tensor: torch.Tensor, terms: list | None, dtype: torch.dtype | None) -> None:
-    """A merge never writes NaN or ±Inf: they come from an adapter whose values or scaling overflow, or from
-    a cast to a dtype too narrow for the weights (fp16 stops at 65504)."""
+def _check_finite(key: str, tensor: torch.Tensor, cause: str) -> torch.Tensor:
+    """`tensor` if it holds no NaN or ±Inf, else a `CompositionError`: a merge never writes them."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        cause = "the adapters' deltas overflow (check lora_alpha and the adapter's values)" if terms else f"the base holds them, or its values do not fit {dtype or tensor.dtype}"
-        raise CompositionError(f"merged tensor '{name}' holds NaN or ±Inf: {cause}; nothing was written")
+        raise CompositionError(f"merging '{key}' gives NaN or ±Inf: {cause}; nothing was written")
+    return tensor
 
 
 def _merge_tensor(
@@ -166,11 +164,14 @@ def _merge_tensor(
     Full precision: W + ΔW in fp32, cast to `dtype` once. Quantized: W is cast to `dtype` first, as
     transformers loads it before quantizing. `weight` is consumed (merged in place when fp32)."""
     dtype = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
+    _check_finite(key, weight, "the base checkpoint holds them")
+    too_narrow = f"its values do not fit {str(dtype).removeprefix('torch.')} (fp16 stops at 65504): merge to bf16 or fp32"
+    overflow = "the adapters' deltas overflow fp32 (check lora_alpha and the adapter's values)"
     if method is None:
         if terms is None:
-            return {key: weight.to(dtype)}, None
-        exact = _add_deltas(weight.float(), terms)
-        out = exact.to(dtype)
+            return {key: _check_finite(key, weight.to(dtype), too_narrow)}, None
+        exact = _check_finite(key, _add_deltas(weight.float(), terms), overflow)
+        out = _check_finite(key, exact.to(dtype), too_narrow)
         return {key: out}, QuantError.between(out, exact)
     bnb = _bnb()
     weight = weight.to(dtype)
@@ -179,9 +180,9 @@ def _merge_tensor(
     module = key.removesuffix(".weight")
     if terms is None and not dequantize:
         return bnb.serialized(module, data, state), None
-    exact = _add_deltas(oriented(bnb.dequantize(data, state)).float(), terms or [])
+    exact = _check_finite(key, _add_deltas(oriented(bnb.dequantize(data, state)).float(), terms or []), overflow)
     if dequantize:
-        out = exact.to(weight.dtype)
+        out = _check_finite(key, exact.to(weight.dtype), too_narrow)
         return {key: out}, None if terms is None else QuantError.between(out, exact)
     data, state = bnb.quantize(oriented(exact.to(weight.dtype)), method, double_quant)
     return bnb.serialized(module, data, state), QuantError.between(oriented(bnb.dequantize(data, state)), exact)
@@ -259,7 +260,7 @@ def _meta_model(config: dict) -> nn.Module | None:
         hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
         with torch.device("meta"):
             return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # values of the wrong type or range
+    except Exception as e:  # noqa: BLE001 — the config is input: transformers' checks raise TypeError, ValueError, its own dataclass errors, ...
         raise CompositionError(f"{CONFIG_NAME}: transformers cannot build the {config['model_type']} model it describes "
                                f"({type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}); fix or re-download it") from None
 
