@@ -115,7 +115,7 @@ def hub_errors(what: str, revision: str | None = None, *, progress: bool = False
 
     endpoint = constants.ENDPOINT
     login = "set HF_TOKEN or run `hf auth login`"
-    unreachable = ZooError(f"cannot reach the Hub at {endpoint}", "check the network, or HF_ENDPOINT; or set HF_HUB_OFFLINE=1 to work offline from the cache")
+    unreachable = ZooError(f"cannot reach {endpoint}", "check the network, or HF_ENDPOINT; or set HF_HUB_OFFLINE=1 to work offline from the cache")
 
     def server_error(e: HfHubHTTPError, status: int) -> ZooError:
         return ZooError(f"the Hub at {endpoint} had a server error (HTTP {status}) on {what}: {_first_line(e.server_message)}", "retry later; nothing was changed")
@@ -392,7 +392,7 @@ def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> M
 
 
 def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) -> str:
-    on = f" for [{base}](https://huggingface.co/{base})" if base else (f" for `{m.base_model.name_or_path}`" if m.base_model.name_or_path else "")
+    on = f" for [{base}](https://huggingface.co/{base})" if base else ""  # a local base's path is not published
     pull_ref = f"{repo_id}@{branch}" if branch else repo_id
     lines = [f"# {m.name}", ""]
     if isinstance(m, AdapterManifest):
