@@ -396,3 +396,147 @@ def command_lines(draw) -> list[str]:
 def test_fuzz_cli_arguments(registered, zoo_cli, argv):
     check_cli(*zoo_cli(*argv))
     registered()
+
+
+# --- hostile files through the CLI: no traceback, no write outside --out / $ZOO_HOME, the registry always readable ---
+
+
+def tree_state(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int]]:
+    """Every file under `root` but those under `skip`: path → (size, mtime in ns); folders as (-1, 0)."""
+    state = {}
+    for path in root.rglob("*"):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        st = path.lstat()
+        state[str(path)] = (-1, 0) if path.is_dir() and not path.is_symlink() else (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@contextlib.contextmanager
+def confined(*allowed: Path, registry_readable: bool = True):
+    """Fails if anything under the sandbox or the test's folder changed outside `allowed` (and $ZOO_HOME), or if the
+    registry can no longer be read."""
+    home = Path(os.environ["ZOO_HOME"])
+    roots = (Path.cwd(), home.parent)
+    skip = (home, *(p.absolute() for p in allowed))
+    before = [tree_state(r, skip) for r in roots]
+    yield
+    after = [tree_state(r, skip) for r in roots]
+    for b, a in zip(before, after):
+        changed = sorted(p for p in b.keys() | a.keys() if b.get(p) != a.get(p))
+        assert not changed, f"written outside --out / $ZOO_HOME: {changed[:5]}"
+    if registry_readable:
+        Registry(home / "registry.json").read()  # readable, whatever was added
+
+
+def write_input(folder: Path, files: dict[str, bytes]) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def json_bytes(data: object) -> bytes:
+    return json.dumps(data, allow_nan=True).encode()  # NaN and Infinity as Python writes them: input to refuse
+
+
+@fuzz(150)
+@given(data=st.data(), peft_type=st.sampled_from(["LORA", "LORA", "ADALORA", "IA3"]))
+def test_fuzz_adapter_configs_through_zoo_add(registered, zoo_cli, data, peft_type):
+    config = data.draw(mutated({**peft_seed(peft_type), "r": 1, "lora_alpha": 2, "base_model_name_or_path": "org/base",
+                                "rank_pattern": {"q_proj": 1}, "alpha_pattern": {}}, PEFT_KEYS + ["revision", "auto_mapping", "task_type"]))
+    weights = (Path("src/a") / "adapter_model.safetensors").read_bytes()
+    folder = write_input(Path("in/adapter"), {"adapter_config.json": json_bytes(config), "adapter_model.safetensors": weights})
+    with confined(Path("in")), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_cli(*zoo_cli("add", folder, "--name", "x"))
+    registered()
+
+
+@fuzz(150)
+@given(raw=headers(), command=st.sampled_from(["add", "inspect"]))
+def test_fuzz_safetensors_headers_through_the_cli(registered, zoo_cli, raw, command):
+    config = (Path("src/a") / "adapter_config.json").read_bytes()
+    folder = write_input(Path("in/adapter"), {"adapter_config.json": config, "adapter_model.safetensors": raw})
+    with confined(Path("in")):
+        check_cli(*zoo_cli(*(["add", folder, "--name", "x"] if command == "add" else ["inspect", folder / "adapter_model.safetensors"])))
+    registered()
+
+
+SHARD_KEY = "model.layers.0.self_attn.q_proj.weight"
+SHARD = safetensors_bytes({SHARD_KEY: {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, struct.pack("<16f", *range(16)))
+SHARD_NAMES = ["model-00001.safetensors", "../victim.safetensors", "/etc/hostname", "", ".", "..", "sub/x.safetensors",
+               "model-00001.safetensors/", "a\\b.safetensors", "missing.safetensors", "\udcff", "config.json"]
+
+
+@fuzz(120)
+@given(index=mutated({"metadata": {"total_size": 64}, "weight_map": {SHARD_KEY: "model-00001.safetensors"}}),
+       name=st.sampled_from(SHARD_NAMES), config=mostly(st.just({"model_type": "llama"}), json_values, odds=3),
+       dtype=st.sampled_from([[], ["--dtype", "fp16"]]))
+def test_fuzz_base_index_and_config_through_zoo_merge(registered, zoo_cli, index, name, config, dtype):
+    """Index files (shard names leaving the folder among them) and config.json: a merge writes its --out or nothing,
+    and reads no file outside the base folder as a shard (the victim beside it stays as it was)."""
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict) and index["weight_map"]:
+        index["weight_map"][next(iter(index["weight_map"]))] = name
+    Path("victim.safetensors").write_bytes(SHARD)
+    base = write_input(Path("in/base"), {"model.safetensors.index.json": json_bytes(index), "model-00001.safetensors": SHARD,
+                                         "config.json": json_bytes(config)})
+    with confined(Path("in"), Path("out")):
+        check_cli(*zoo_cli("merge", "a", "--base", base, "--out", "out", *dtype))
+    assert Path("victim.safetensors").read_bytes() == SHARD
+    registered()
+
+
+@fuzz(150)
+@given(entries=st.lists(mutated(VALID_MANIFEST, ["kind", "method"]), min_size=1, max_size=2),
+       command=st.sampled_from([["list"], ["show", "sql"], ["verify"], ["remove", "sql"], ["add", "src/a", "--name", "n"]]),
+       nan=st.booleans())
+def test_fuzz_registry_files_through_the_cli(registered, zoo_cli, entries, command, nan):
+    """A registry edited by hand (NaN included): each command answers or says the file is invalid, and never
+    overwrites a registry it could not read."""
+    home = Path(os.environ["ZOO_HOME"])
+    raw = json.dumps({"format": "adapter-zoo/registry", "schema_version": 1, "adapters": entries}, allow_nan=True).encode()
+    if nan:
+        raw = raw.replace(b'"lora_alpha": 16', b'"lora_alpha": NaN')
+    (home / "registry.json").write_bytes(raw)
+    try:
+        Registry(home / "registry.json").read()
+        readable = True
+    except Exception as e:  # noqa: BLE001
+        user_error(e)
+        readable = False
+    with confined(registry_readable=readable):
+        code, out, err = zoo_cli(*command)
+    check_cli(code, out, err)
+    if not readable:  # never overwritten
+        assert (home / "registry.json").read_bytes() == raw and code == 2, (command, err)
+    registered()
+
+
+VERSIONS = ["1", "2", "01", "²", "١", "1.0", "+1", " 1", "0", "-1", "1e3", "99999999999999999999", "", "x", "1@1", "٣", "𝟙"]
+
+
+@fuzz(150)
+@given(name=st.sampled_from(["a", "b", "c", "nobody", "src", "./src/a", "src/a", "a.b", ""]), version=st.one_of(st.none(), st.sampled_from(VERSIONS)),
+       command=st.sampled_from(["show", "remove", "verify", "inspect", "push", "merge", "compose"]))
+def test_fuzz_references_through_the_cli(registered, zoo_cli, name, version, command):
+    """Every command reads a reference the same way: what `show` shows is what `remove` removes, and a reference that
+    only looks like a version (`a@01`, `a@²`) is refused by all of them."""
+    ref = name if version is None else f"{name}@{version}"
+    shown = zoo_cli("show", ref, "--json")
+    args = {"push": ["push", ref, "org/x"], "merge": ["merge", ref, "--base", "in/nowhere", "--out", "out"],
+            "compose": ["compose", f"{ref}+b", "--name", "mix"]}.get(command, [command, ref])
+    before = {m.ref for m in Registry(Path(os.environ["ZOO_HOME"]) / "registry.json").read()}
+    with confined(Path("out")):
+        code, out, err = zoo_cli(*args)
+    check_cli(code, out, err)
+    if version is not None and not (version.isascii() and version.isdigit() and version[0] != "0"):
+        assert code == 2 and shown[0] == 2, (ref, out, err)  # refused, by show too
+    if command == "remove":
+        after = {m.ref for m in Registry(Path(os.environ["ZOO_HOME"]) / "registry.json").read()}
+        expected = {json.loads(shown[1])["name"] + "@" + str(json.loads(shown[1])["version"])} if shown[0] == 0 and version else set()
+        if shown[0] == 0 and not version:
+            expected = {r for r in before if r.split("@")[0] == name}
+        assert before - after == expected, (ref, before, after)
+    registered()

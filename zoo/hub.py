@@ -458,12 +458,12 @@ def search(base: str, *, method: str | None = None, limit: int | None = 50) -> l
     if limit is not None and limit < 1:
         raise ZooError(f"limit {limit} is not a positive number", "pass --limit 1 or more")
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     filters = [f"base_model:adapter:{base}", *([method] if method else [])]
     with hub_errors(base):
         if not constants.HF_HUB_OFFLINE:  # one request the client does not retry: an unreachable Hub fails now, not after 23 s of backoff
-            get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            get_session().head(constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         found = list(HfApi().list_models(filter=filters, sort="downloads", limit=limit))
     return [
         {
