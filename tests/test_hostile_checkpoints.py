@@ -57,14 +57,6 @@ def test_a_shard_outside_the_base_folder_is_refused(where, adapter, tmp_path, zo
     assert victim.read_bytes() == before
 
 
-def test_a_shard_in_the_folder_merges(adapter, tmp_path, zoo_cli):
-    base = sharded_base(tmp_path / "base", "model-00001-of-00001.safetensors")
-    (base / "model-00001-of-00001.safetensors").write_bytes(shard())
-    code, out, err = zoo_cli("merge", "a", "--base", base, "--out", tmp_path / "out")
-    assert code == 0, err
-    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").is_file()
-
-
 BAD_HEADERS = {
     "short tensor": (safetensors_bytes({KEY: {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}, bytes(16)), "needs 64 bytes"),
     "unknown dtype": (safetensors_bytes({KEY: {"dtype": "F128", "shape": [4, 4], "data_offsets": [0, 64]}}, bytes(64)), "unknown dtype"),
