@@ -104,8 +104,10 @@ def combine_adapters(
     adapters = [as_lora(a) for a in adapters]
     check_members(adapters)
     for a in adapters:
-        if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias:
-            feature = "DoRA" if a.config.use_dora else "modules_to_save" if a.config.modules_to_save else "lora_bias"
+        other = next((k for k in a.state if not k.endswith(_FACTOR_SUFFIXES)), None)  # e.g. LoRA on an embedding
+        if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias or a.config.init_lora_weights or other:
+            feature = ("DoRA" if a.config.use_dora else "modules_to_save" if a.config.modules_to_save else "lora_bias" if a.config.lora_bias
+                       else f"{a.config.init_lora_weights} (trained on a residual base)" if a.config.init_lora_weights else f"tensor {other!r}")
             raise ZooError(f"{a.name} uses {feature}, which a weighted sum of LoRA factors cannot express", "stack it instead")
     if len({a.config.fan_in_fan_out for a in adapters}) > 1:
         raise ZooError("the adapters disagree on fan_in_fan_out", "compose adapters of one base")
@@ -251,10 +253,11 @@ def _store_fusion_weights(state: dict[str, torch.Tensor]):
 
 def register_fusion_folder(
     folder: Path, *, name: str, source: Source, task: str | None = None, tags: Iterable[str] = (),
-    allow_pickle: bool = False, registry: PathLike | None = None,
+    allow_pickle: bool = False, staged: bool = False, registry: PathLike | None = None,
 ) -> CompositionManifest:
     """Register an AdapterHub AdapterFusion folder (`adapter_fusion_config.json` + weights) over members
-    already in the registry under the names the fusion lists; its files are stored as they are."""
+    already in the registry under the names the fusion lists; its files are stored as they are.
+    `staged`: `folder` is a `Store.staging()` folder, whose files are moved into the store, not copied."""
     from zoo.api import measure_tensors
     from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES, read_adapterhub_fusion
     from zoo.formats.peft import weights_file
@@ -275,7 +278,8 @@ def register_fusion_folder(
             weights = Path(work) / FUSION_WEIGHTS_NAMES[0]
             save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
         store = open_store()
-        files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME), store.put(weights, FUSION_WEIGHTS_NAMES[0])]
+        files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME, move=staged),
+                 store.put(weights, FUSION_WEIGHTS_NAMES[0], move=staged and weights.parent == folder)]
     refs = [MemberRef(name=m.name, version=m.version, sha256=m.weights.sha256) for m in members]
     manifest = CompositionManifest(
         name=name, fusion="attention", fusion_config=config, format="adapterhub", members=refs, base_model=members[0].base_model,
