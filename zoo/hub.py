@@ -73,7 +73,11 @@ _SECRETS = re.compile(r"(?i)(bearer\s+)\S+|\bhf_[A-Za-z0-9_]{8,}|(token[\"']?\s*
 def redact(text: str) -> str:
     """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`): what a server answers is
     printed, and a proxy that echoes the request's headers would otherwise print the caller's token."""
-    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or "") + ("***" if (m.group(1) or m.group(2)) else "hf_***"), text)
+    def hide(m: re.Match) -> str:
+        kept = m.group(1) or m.group(2)  # "Bearer " or "token=": kept, the secret after it hidden
+        return f"{kept}***" if kept else "hf_***"
+
+    return _SECRETS.sub(hide, text)
 
 
 @contextmanager
