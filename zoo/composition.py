@@ -10,7 +10,6 @@ The math is in `compose`; this module resolves names, checks that the members fi
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -111,12 +110,8 @@ def combine_adapters(
             raise ZooError(f"module {module} ({', '.join(adapters[i].name for i, _ in present)}): {e}") from None
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A, B
         ranks[module] = A.shape[0]
-    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank is the default
-    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = LoraConfig(
-        r=r, lora_alpha=r, rank_pattern=patterns, alpha_pattern={m: float(k) for m, k in patterns.items()},
-        fan_in_fan_out=adapters[0].config.fan_in_fan_out,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+    config = LoraConfig.at_scaling_one(
+        ranks, fan_in_fan_out=adapters[0].config.fan_in_fan_out, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
     )
     first = adapters[0]
     return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
