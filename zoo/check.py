@@ -159,7 +159,10 @@ def _targets(adapter: ResolvedAdapter, base: PathLike | None, runtime: str, unkn
     if base is None:
         return [Finding("targets", "ok", "not checked (pass --base to check the modules against the base)")]
     linears, others, where = _base_modules(base)
-    modules = sorted(_module_paths(adapter))
+    prefixes = sorted({n.partition(".")[0] for n in linears | set(others)})
+    # an adapter of XForCausalLM ('model.layers…') checked against XModel ('layers…'), or the other way round
+    modules = sorted(next((c for c in (m, m.partition(".")[2], *(f"{p}.{m}" for p in prefixes)) if c in linears or c in others), m)
+                     for m in _module_paths(adapter))
     suffixes = {m.rsplit(".", 1)[-1] for m in linears}
     not_linear = [m for m in modules if m in others]
     unknown = [m for m in modules if m not in linears and m not in others and m.rsplit(".", 1)[-1] not in suffixes]
