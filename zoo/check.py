@@ -265,7 +265,7 @@ def _llama_cpp(adapter: ResolvedAdapter, base: PathLike) -> list[Finding]:
     config = adapter.config
     dropped = [k for k, on in (("use_rslora", getattr(config, "use_rslora", False)), ("alpha_pattern", getattr(config, "alpha_pattern", None))) if on]
     if dropped:
-        out.append(Finding("scaling", "export", f"{' and '.join(dropped)}: convert_lora_to_gguf.py drops them (llama.cpp scales by alpha/rank)",
+        out.append(Finding("scaling", "export", f"{' and '.join(dropped)}: convert_lora_to_gguf.py drops {'them' if len(dropped) > 1 else 'it'} (llama.cpp scales by alpha/rank)",
                            f"`zoo export {adapter.name} --to gguf` folds the true scaling into lora_b"))
     else:
         out.append(Finding("scaling", "ok", "llama.cpp's alpha/rank is the adapter's scaling"))
