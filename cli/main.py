@@ -540,6 +540,9 @@ def _progress(label: str, as_json: bool):
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    from zoo.interrupts import Terminated, install
+
+    install()  # SIGTERM / Ctrl-C unwind: what was being written is removed, a commit finishes first
     try:
         code = app(args=argv, prog_name="zoo", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
@@ -555,6 +558,12 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
+    except Terminated:
+        typer.echo("error: terminated (SIGTERM); nothing half-written was left", err=True)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; nothing half-written was left", err=True)
+        sys.exit(130)
     except typer.TyperException as e:  # usage errors (typer's click): its own one-line message, exit 2
         e.show()
         sys.exit(e.exit_code)

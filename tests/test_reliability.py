@@ -45,6 +45,12 @@ def store_is_sound(home: Path) -> list[str]:
     return [p.name for p in names if sha256_file(p)[0] != p.name]
 
 
+def incoming(home: Path) -> list[Path]:
+    """The store's temp folders (a writer's copies before they are renamed into blobs)."""
+    folder = home / "blobs" / "incoming"
+    return sorted(folder.glob(".incoming-*")) if folder.is_dir() else []
+
+
 # --- 16 processes × 50 adds ---------------------------------------------------------------------------------
 
 
@@ -136,7 +142,7 @@ def check_after_kill(reports: list[str], home: Path) -> dict[str, int]:
     maybe_removed = {in_flight[2:]} if in_flight and in_flight[0] == "-" else set()
     assert committed - maybe_removed <= names <= committed | maybe_added, (sorted(committed), sorted(names), in_flight)
     return {"committed": len(committed), "registry_temp_left": len(list(home.glob(".registry.json.*"))),
-            "blob_temp_left": len(list((home / "blobs" / "sha256").glob(".incoming-*"))) if (home / "blobs").exists() else 0}
+            "blob_temp_left": len(incoming(home))}
 
 
 def test_sigkill_at_random_moments_never_loses_a_committed_entry(tmp_path, monkeypatch):
@@ -225,35 +231,60 @@ def _big_adapter(folder: Path, megabytes: int) -> Path:
     return folder
 
 
-def test_a_half_written_blob_is_never_registered_and_temp_files_break_nothing(tmp_path, isolated_zoo):
+def test_a_half_written_blob_is_never_registered_and_the_next_add_removes_the_leftovers(tmp_path, isolated_zoo):
     home = isolated_zoo / "zoo-home"
     folder = _big_adapter(tmp_path / "big", 32)
-    blobs = home / "blobs" / "sha256"
+    weights_size = (folder / "adapter_model.safetensors").stat().st_size
 
     child = FORK.Process(target=in_child, args=(lambda: zoo.add(folder, name="big"),))
     child.start()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # kill once the weights' temp file holds some bytes
-        partial = [p for p in blobs.glob(".incoming-*") if p.stat().st_size > 0] if blobs.is_dir() else []
-        if partial:
-            break
+    partial = []
+    while time.monotonic() < deadline and not partial:  # kill once a temp file in the store holds some bytes
+        partial = [p for d in incoming(home) for p in d.glob("*") if p.name != ".lock" and p.stat().st_size > 0]
         time.sleep(0.001)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
-    assert child.exitcode == -signal.SIGKILL and partial, "the kill did not land inside Store.put"
-    leftover = sorted(p.name for p in blobs.glob(".incoming-*"))
-    assert leftover, "the half-written temp file should still be there for this test to mean anything"
-    weights_size = (folder / "adapter_model.safetensors").stat().st_size
-    assert all(p.stat().st_size < weights_size for p in blobs.glob(".incoming-*"))
+    assert child.exitcode == -signal.SIGKILL and partial, "the kill did not land inside the copy"
+    leftover = incoming(home)
+    assert leftover, "the killed writer's temp folder should still be there for this test to mean anything"
 
     assert zoo.list_adapters() == []  # nothing registered
     assert store_is_sound(home) == []  # no blob under a hash its bytes do not have
     (home / ".registry.json.leftover").write_text('{"torn": ')  # and a torn index temp file, as a kill leaves it
 
-    m = zoo.add(folder, name="big")  # the next add just works, next to the leftovers
+    m = zoo.add(folder, name="big")  # the next add just works, and removes the dead writer's leftovers
     assert [r.problem for r in zoo.verify()] == [None, None]
     assert m.file("adapter_model.safetensors").size == weights_size
+    assert incoming(home) == [] and not any(p.exists() for p in leftover)
     from zoo.repair import repair
 
     assert repair() == []
-    assert sorted(p.name for p in blobs.glob(".incoming-*")) == leftover  # untouched, and harmless
+
+
+def _hold_a_temp_folder(home: Path, ready_fd: int) -> None:
+    """A live writer: takes a store temp folder, says where, and waits (until killed)."""
+    with zoo.api.open_store().staging() as stage:
+        (stage / "half.safetensors").write_bytes(b"x" * 100)
+        os.write(ready_fd, str(stage).encode())
+        time.sleep(60)
+
+
+def test_a_live_writers_temp_folder_is_never_swept(tmp_path, isolated_zoo):
+    home = isolated_zoo / "zoo-home"
+    read_end, write_end = os.pipe()
+    child = FORK.Process(target=in_child, args=(_hold_a_temp_folder, home, write_end))
+    child.start()
+    os.close(write_end)
+    stage = Path(os.read(read_end, 4096).decode())
+    os.close(read_end)
+    try:
+        zoo.add(write_adapter(tmp_path / "a", 1), name="a")  # a writer in another process sweeps, once
+        from compose.durable import sweep
+
+        assert sweep(home / "blobs" / "incoming", ".incoming-") == []  # and so does an explicit sweep
+        assert (stage / "half.safetensors").read_bytes() == b"x" * 100  # the live writer's copy is untouched
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    assert sweep(home / "blobs" / "incoming", ".incoming-") == [stage]  # its writer gone, it goes too

@@ -67,6 +67,21 @@ def test_missing_and_corrupt_blobs_come_back_from_the_folder(tmp_path, zoo_cli, 
     assert zoo_cli("verify", "--repair")[1].strip() == "every stored file is intact"
 
 
+def test_a_blob_replaced_by_a_folder_is_reported_in_one_line_and_repaired(tmp_path, zoo_cli):
+    m = zoo.add(write_adapter(tmp_path / "sql", 1), name="sql")
+    path = blob(m.file(WEIGHTS))
+    path.unlink()
+    path.mkdir()
+    (path / "junk").write_text("x")
+    code, out, err = zoo_cli("verify")
+    assert code == 1 and f"BAD sql@1 {WEIGHTS}: a directory, not a file" in out.splitlines(), (out, err)
+    with pytest.raises(ZooError, match=rf"sql@1: files \['{WEIGHTS}'\] are not in the store"):
+        zoo.api.open_store().adapter_dir(m)
+    code, out, err = zoo_cli("verify", "--repair")
+    assert code == 0 and f"repaired sql@1 {WEIGHTS} (a directory, not a file) from {tmp_path / 'sql'}" in out, (out, err)
+    assert path.is_file() and [r.problem for r in zoo.verify()] == [None, None]
+
+
 def test_a_source_that_changed_is_refused_and_nothing_is_stored(tmp_path, zoo_cli):
     folder = write_adapter(tmp_path / "sql", 1)
     m = zoo.add(folder, name="sql")

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from compose.errors import CompositionError
 from zoo.errors import ZooError
-from zoo.formats.folder import WEIGHTS_NAMES, read_adapter_folder
+from zoo.formats.folder import folder_files, read_adapter_folder
+from zoo.interrupts import deferred as _deferred_signals
 from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
 from zoo.paths import registry_path, zoo_home
 from zoo.registry import Registry
-from zoo.safety import check_links
-from zoo.store import Store, sha256_file
+from zoo.safety import copy_inside
+from zoo.store import Store, no_space
 
 PathLike = str | os.PathLike
 
@@ -96,17 +101,41 @@ def add(
     Example:
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP
     """
-    from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES
+    from zoo.formats.adapterhub import FUSION_CONFIG_NAME
 
     folder = Path(path)
-    check_links(folder, ["adapter_config.json", *(n for names in WEIGHTS_NAMES.values() for n in names), FUSION_CONFIG_NAME, *FUSION_WEIGHTS_NAMES])  # no file from outside it
+    name = check_name(folder.resolve().name if name is None else name)
+    if not folder.exists():
+        raise ZooError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise ZooError(f"{folder} is not a folder", "point at the folder holding adapter_config.json")
     reg = open_registry(registry)
     source = Source(kind="local", path=_source_path(folder, reg))
-    if (folder / FUSION_CONFIG_NAME).is_file():
-        from zoo.composition import register_fusion_folder
+    with open_store().staging() as stage, _reported_as(stage, folder):
+        copy_inside(folder, folder_files(), stage)  # each file opened once, no link out of the folder followed
+        if (stage / FUSION_CONFIG_NAME).is_file():
+            from zoo.composition import register_fusion_folder
 
-        return register_fusion_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, registry=registry)
-    return register_folder(folder, name=folder.resolve().name if name is None else name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, registry=registry)
+            return register_fusion_folder(stage, name=name, source=source, task=task, tags=tags, allow_pickle=allow_pickle, staged=True, registry=registry)
+        return register_folder(stage, name=name, source=source, task=task, tags=tags, license=license, allow_pickle=allow_pickle, base=base, staged=True, registry=registry)
+
+
+@contextmanager
+def _reported_as(stage: Path, folder: Path) -> Iterator[None]:
+    """Errors and warnings about the staged copy name the user's folder instead."""
+    def mend(text: str) -> str:
+        return text.replace(str(stage), str(folder))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except ZooError as e:
+            raise ZooError(mend(e.message), e.hint and mend(e.hint)) from None
+        except CompositionError as e:
+            raise CompositionError(mend(str(e))) from None
+    for w in caught:
+        warnings.warn_explicit(mend(str(w.message)), w.category, w.filename, w.lineno)
 
 
 def register_folder(
@@ -120,9 +149,11 @@ def register_folder(
     allow_pickle: bool = False,
     base: PathLike | None = None,
     new_version_of_same_source: bool = False,
+    staged: bool = False,
     registry: PathLike | None = None,
 ) -> AdapterManifest:
-    """Store an adapter folder's files and register them under `name` (see `add` and `register`)."""
+    """Store an adapter folder's files and register them under `name` (see `add` and `register`).
+    `staged`: `folder` is a `Store.staging()` folder, whose files are moved into the store, not copied."""
     name = check_name(name)
     reg = open_registry(registry)
     if reg.versions(name) and not new_version_of_same_source:
@@ -131,7 +162,7 @@ def register_folder(
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config)
         store = open_store()
-        files = [store.put(path, stored_name) for stored_name, path in adapter.files.items()]
+        files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
     manifest = AdapterManifest(
@@ -165,15 +196,26 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
     """Add a manifest whose files are already in the store; refuses a name that exists, unless
     `new_version_of_same_source` and every version of that name came from the same Hub repo or local
     folder: then it becomes the next version (decided under the registry lock)."""
-    with open_registry(registry).transaction() as adapters:
-        same = [m for m in adapters if m.name == manifest.name]
-        if same and not (new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)):
-            other = " from another source" if new_version_of_same_source else ""
-            raise ZooError(f"an adapter named {manifest.name!r} already exists{other}", "pick another --name, or `zoo remove` it first")
-        if same:
-            manifest = manifest.model_copy(update={"version": max(m.version for m in same) + 1})
-        adapters.append(manifest)
-    open_store().adapter_dir(manifest)
+    store, linking = open_store(), False
+    try:
+        with _deferred_signals(), open_registry(registry).transaction() as adapters:
+            same = [m for m in adapters if m.name == manifest.name]
+            if same and not (new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)):
+                other = " from another source" if new_version_of_same_source else ""
+                raise ZooError(f"an adapter named {manifest.name!r} already exists{other}", "pick another --name, or `zoo remove` it first")
+            if same:
+                manifest = manifest.model_copy(update={"version": max(m.version for m in same) + 1})
+            # blobs, then the folder of links, then the row: the row is the commit, and never names a folder
+            # or a blob that is not there; a failure before it leaves no entry (the folder is taken back)
+            linking = True
+            store.adapter_dir(manifest)
+            adapters.append(manifest)
+    except BaseException as e:
+        if linking:
+            store.drop_adapter_dir(manifest)
+        if isinstance(e, OSError) and (full := no_space(e, store.root)) is not e:
+            raise full from None
+        raise
     return manifest
 
 
@@ -190,10 +232,12 @@ def _source_path(folder: Path, reg: Registry) -> str:
 
 
 def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> Path:
-    """The stored folder of `manifest`; files missing from the store are fetched again from a local
-    source first (e.g. a registry shipped with its adapters), and must hash to the manifest's sha256."""
+    """The stored folder of `manifest`, every blob checked against its sha256 (once per process): the one
+    way zoo reads a registered entry's files (load, compose, merge, inspect, push). Files missing from the
+    store are fetched again from a local source first (e.g. a registry shipped with its adapters), and must
+    hash to the manifest's sha256; a corrupt blob is refused in one line (`zoo verify --repair` repairs it)."""
     store = open_store()
-    missing = [f for f in manifest.files if not store.has(f)]
+    missing = [f for f in manifest.files if not store.present(f)]
     if missing and manifest.source.kind == "local" and manifest.source.path:
         source = Path(manifest.source.path)
         source = source if source.is_absolute() else open_registry(registry).path.parent / source

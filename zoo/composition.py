@@ -228,10 +228,11 @@ def _store_fusion_weights(state: dict[str, torch.Tensor]):
 
 def register_fusion_folder(
     folder: Path, *, name: str, source: Source, task: str | None = None, tags: Iterable[str] = (),
-    allow_pickle: bool = False, registry: PathLike | None = None,
+    allow_pickle: bool = False, staged: bool = False, registry: PathLike | None = None,
 ) -> CompositionManifest:
     """Register an AdapterHub AdapterFusion folder (`adapter_fusion_config.json` + weights) over members
-    already in the registry under the names the fusion lists; its files are stored as they are."""
+    already in the registry under the names the fusion lists; its files are stored as they are.
+    `staged`: `folder` is a `Store.staging()` folder, whose files are moved into the store, not copied."""
     from zoo.api import measure_tensors
     from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES, read_adapterhub_fusion
     from zoo.formats.peft import weights_file
@@ -252,7 +253,8 @@ def register_fusion_folder(
             weights = Path(work) / FUSION_WEIGHTS_NAMES[0]
             save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
         store = open_store()
-        files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME), store.put(weights, FUSION_WEIGHTS_NAMES[0])]
+        files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME, move=staged),
+                 store.put(weights, FUSION_WEIGHTS_NAMES[0], move=staged and weights.parent == folder)]
     refs = [MemberRef(name=m.name, version=m.version, sha256=m.weights.sha256) for m in members]
     manifest = CompositionManifest(
         name=name, fusion="attention", fusion_config=config, format="adapterhub", members=refs, base_model=members[0].base_model,

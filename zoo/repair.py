@@ -69,8 +69,7 @@ def repair(ref: str | None = None, *, registry: PathLike | None = None) -> list[
                 else:
                     try:
                         fetched, result.repaired_from = _fetch(m, f, Path(work), reg)
-                        store.blob_path(f.sha256).unlink(missing_ok=True)  # put() keeps a blob of the right size
-                        store.put(fetched, f.path)
+                        store.put(fetched, f.path)  # replaces whatever is there (corrupt bytes, a link, a folder)
                     except ZooError as e:
                         result.error = str(e)
                 results.append(result)

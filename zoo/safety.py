@@ -2,6 +2,7 @@
 
 - An adapter folder's files must not be symlinks leading out of it: `zoo add` copies what it reads into the
   store (and `zoo push` to the Hub), so a link to `~/.ssh/id_rsa` named `adapter_config.json` would leak it.
+  Each file is opened once, without following links out of the folder, and copied; only the copy is read.
 - A base model whose config maps transformers' Auto classes to code shipped with the model (`auto_map`) is
   loaded only when the caller passed `trust_remote_code=True`: it is never implied, and transformers is never
   left to ask on the terminal.
@@ -9,7 +10,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,22 +22,86 @@ from zoo.errors import ZooError
 PathLike = str | os.PathLike
 
 
-def check_links(folder: Path, names: Iterable[str]) -> None:
-    """Refuse the files `names` of `folder` that are symlinks resolving outside `folder`."""
-    root = Path(folder).resolve()
+_MAX_LINKS = 40  # as the kernel allows in one path
+
+
+def open_inside(folder: Path, name: str) -> int | None:
+    """A read-only descriptor of the regular file `name` of `folder`, or None if there is none.
+
+    The path is walked one component at a time from `folder`, each opened with `O_NOFOLLOW`: a link is
+    followed only by reading it here and only while it stays inside `folder`, so a file swapped for a link
+    to `~/.ssh/id_rsa` at any moment is refused, never opened. The caller reads the file through this one
+    descriptor (`zoo add` copies it into the store, then parses and hashes the copy).
+    """
+    root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the folder itself as the user named it
+    dirs, todo, links = [root], name.split("/"), 0
+    try:
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(dirs) == 1:
+                    raise _outside(folder, name)
+                os.close(dirs.pop())
+                continue
+            last = not todo
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if last else os.O_DIRECTORY)  # a FIFO must not block
+            try:
+                fd = os.open(part, flags, dir_fd=dirs[-1])
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                links += 1
+                try:
+                    target = os.readlink(part, dir_fd=dirs[-1])
+                except FileNotFoundError:
+                    return None
+                except OSError as not_a_link:
+                    if not_a_link.errno != errno.EINVAL or links > _MAX_LINKS:
+                        raise e from None
+                    todo.insert(0, part)  # swapped back for a file meanwhile: open it again
+                    continue
+                if links > _MAX_LINKS or target.startswith("/"):
+                    raise _outside(folder, name) from None
+                todo[:0] = target.split("/")
+                continue
+            if not last:
+                dirs.append(fd)
+                continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ZooError(f"{Path(folder) / name} is not a regular file", "an adapter folder holds plain files")
+            os.set_blocking(fd, True)
+            return fd
+        return None
+    finally:
+        for d in dirs:
+            os.close(d)
+
+
+def _outside(folder: Path, name: str) -> ZooError:
+    path = Path(folder) / name
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return ZooError(f"{path} is a symlink to {target}, outside the adapter folder", "copy the file into the folder: zoo never follows links out of it")
+
+
+def copy_inside(folder: Path, names: Iterable[str], dest: Path) -> list[str]:
+    """Copy the files `names` of `folder` that exist into `dest` (opened once each by `open_inside`); returns
+    the names copied (the store fsyncs what it keeps). What is parsed, hashed and stored afterwards is this copy, never the folder."""
+    copied = []
     for name in names:
-        path = Path(folder) / name
-        if not path.is_symlink():
+        fd = open_inside(Path(folder), name)
+        if fd is None:
             continue
-        try:
-            inside = path.resolve(strict=True).is_relative_to(root)
-        except (OSError, RuntimeError):  # dangling, or a loop
-            inside = False
-        if not inside:
-            raise ZooError(
-                f"{path} is a symlink to {os.readlink(path)}, outside the adapter folder",
-                "copy the file into the folder: zoo never follows links out of it",
-            )
+        with os.fdopen(fd, "rb") as f, open(dest / name, "xb") as out:
+            while os.sendfile(out.fileno(), f.fileno(), None, 1 << 30):  # in the kernel: no buffer here
+                pass
+        copied.append(name)
+    return copied
 
 
 def remote_code_classes(config: dict[str, Any]) -> list[str]:

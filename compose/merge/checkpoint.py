@@ -8,7 +8,9 @@ shards with the base's names and sharding: peak memory is a few copies of the la
 adapters' factors — less than one shard, never the whole model. Tensors are read with plain file
 reads rather than `safe_open`, whose memory map keeps every page of the open shard resident and whose
 `get_tensor` copies it once more. The folder is written under a temporary name and renamed at the
-end, so a failed merge leaves nothing behind.
+end, after every file and the folder were fsynced, so a failed merge leaves nothing behind and a
+finished one survives a power cut. The temp folder is locked while the merge runs; one that a killed merge
+left (`.<out>.partial-*`) is removed by the next merge into the same place (`compose.durable`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from compose.durable import fsync_dir, fsync_file, held_temp_dir, sweep
 from compose.errors import CompositionError
 from compose.merge.report import MergeReport, ModuleReport, QuantError
 from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_layout
@@ -115,8 +117,10 @@ def merge_checkpoint(
     report = MergeReport(out_dir=out_dir, shards=layout.shards, dtype=dtype and str(dtype).removeprefix("torch."),
                          quantize=quantize, dequantize=dequantize, start_peak_rss_bytes=start_peak)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    partial = f".{out_dir.name}.partial-"
+    sweep(out_dir.parent, partial)  # what killed merges into this folder left
+    with held_temp_dir(out_dir.parent, partial) as held:
+        tmp = held.path
         weight_map: dict[str, str] = {}
         for shard in layout.shards:
             with ShardReader(base_dir / shard) as f:
@@ -138,10 +142,16 @@ def merge_checkpoint(
                         on_tensor(key, report.tensors, len(shapes))
             report.bytes_written += writer.close()
         _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant)
-        os.replace(tmp, out_dir)  # an empty out_dir is replaced too
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        held.release()  # the lock file must not travel into out_dir
+        try:
+            for item in tmp.iterdir():  # every byte on disk before the folder appears under its name
+                fsync_file(item)
+            fsync_dir(tmp)
+            os.replace(tmp, out_dir)  # an empty out_dir is replaced too
+            fsync_dir(out_dir.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     report.seconds, report.peak_rss_bytes = time.perf_counter() - start, _peak_rss()
     return report
 

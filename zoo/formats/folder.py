@@ -32,6 +32,16 @@ WEIGHTS_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
+def folder_files() -> list[str]:
+    """Every file of an adapter or AdapterFusion folder that zoo reads (PEFT and AdapterHub layouts): what
+    `zoo add` copies out of the folder before reading anything."""
+    from zoo.formats import adapterhub
+
+    names = [peft_format.CONFIG_NAME, *(n for pair in WEIGHTS_NAMES.values() for n in pair)]
+    names += [adapterhub.FUSION_CONFIG_NAME, *adapterhub.FUSION_WEIGHTS_NAMES, *adapterhub.HEAD_FILES]
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class AdapterFolder:
     """An adapter folder as read from disk, before it is stored."""
