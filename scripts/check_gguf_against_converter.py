@@ -52,6 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("converter", type=Path, help="folder holding convert_lora_to_gguf.py")
     parser.add_argument("--outtypes", nargs="+", default=["f32", "f16", "bf16", "q8_0"])
+    parser.add_argument("--only", nargs="+", metavar="ARCH", help="some of: llama mistral qwen2 qwen3 gemma phi3")
     args = parser.parse_args()
     import torch
     from tiny import make_peft_adapter
@@ -60,6 +61,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name, (config, cls, targets) in cases().items():
+            if args.only and name not in args.only:
+                continue
             torch.manual_seed(0)
             model = cls(config)
             model.save_pretrained(tmp / name / "base")

@@ -196,3 +196,25 @@ def test_peft_export_at_a_fixed_rank(tmp_path):
     report = zoo.export_peft("a", out=tmp_path / "r2", rank=2)
     assert report.rank == 2 and json.loads((tmp_path / "r2" / "adapter_config.json").read_text())["r"] == 2
     assert any("relative error" in n for n in report.notes)
+
+
+def test_adalora_exports_as_the_lora_it_computes(tmp_path):
+    """llama.cpp's delta from the file, (alpha / rank)·b·a, equals PEFT's merged AdaLoRA delta."""
+    import copy
+
+    from tiny import random_peft_adapter
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, target_modules=["v_proj", "o_proj"], total_step=10)
+    adapter = random_peft_adapter(base, tmp_path / "ada", config, seed=3, prune=True)
+    zoo.add(adapter, name="ada")
+    zoo.export_gguf("ada", base=tmp_path / "base", out=tmp_path / "ada.gguf")
+    fields, tensors = read_gguf(tmp_path / "ada.gguf")
+    merged = peft_model(base, adapter).merge_and_unload()
+    for i in range(2):
+        for module, gguf_name in (("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output")):
+            a, b = (torch.from_numpy(tensors[f"blk.{i}.{gguf_name}.weight.lora_{x}"][0]) for x in "ab")
+            llama_cpp = fields["adapter.lora.alpha"] / b.shape[1] * b @ a
+            peft_delta = merged.get_submodule(f"model.layers.{i}.{module}").weight - copy.deepcopy(base).get_submodule(f"model.layers.{i}.{module}").weight
+            torch.testing.assert_close(llama_cpp, peft_delta.detach(), atol=1e-5, rtol=0)

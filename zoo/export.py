@@ -64,8 +64,10 @@ def export_gguf(adapter: str, *, base: PathLike, out: PathLike, outtype: str = "
     path = Path(base)
     config_path = path / "config.json" if path.is_dir() else path
     gguf_base = GgufBase.from_config(read_json_config(config_path, "config.json"), str(config_path))
+    from zoo.composition import as_lora
+
     modules = lora_modules(resolved)
-    alpha = float(resolved.config.lora_alpha) if resolved.config.method == "lora" else float(resolved.config.r)
+    alpha = float(as_lora(resolved).config.lora_alpha)
     factors, folded = {}, 0
     for module, (A, B, scaling) in modules.items():
         runtime_scaling = alpha / A.shape[0] if alpha else 1.0  # llama.cpp: alpha/rank, or 1 when alpha is 0
