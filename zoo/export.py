@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.api import PathLike
-from zoo.check import check, lora_modules, one_adapter
+from zoo.check import VLLM_MAX_LORA_RANKS, check, lora_modules, one_adapter
 from zoo.errors import ZooError
 
 TARGETS = ("gguf", "peft")
@@ -59,6 +59,8 @@ def export_gguf(adapter: str, *, base: PathLike, out: PathLike, outtype: str = "
     from zoo.formats.gguf import GgufBase, write_lora_gguf
     from zoo.formats.peft import read_json_config
 
+    if Path(out).is_dir():
+        raise ZooError(f"--out {out} is a folder", "give the .gguf file to write, e.g. --out adapter.gguf")
     _refuse_blocking(check(adapter, runtime="llama.cpp", base=base, registry=registry))
     resolved = one_adapter(adapter, registry=registry)
     path = Path(base)
@@ -101,6 +103,8 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
     from zoo.formats import peft as peft_format
 
     out = Path(out)
+    if rank is not None and rank > VLLM_MAX_LORA_RANKS[-1]:
+        raise ZooError(f"--rank {rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})", f"pick a rank ≤ {VLLM_MAX_LORA_RANKS[-1]}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ZooError(f"{out} exists and is not empty", "export into a new folder")
     _refuse_blocking(check(adapter, runtime="vllm", registry=registry), skip=("rank",) if rank is not None else ())
