@@ -95,7 +95,7 @@ def extract(
     from compose.lora.extract import extract_delta
     from compose.lora.lowrank import check_rule
     from compose.merge.checkpoint import _meta_model, _peak_rss
-    from compose.merge.shards import ShardReader, read_layout
+    from compose.merge.shards import ShardReader, map_large_allocations, read_layout
     from zoo.api import open_registry, register_folder
     from zoo.formats import peft as peft_format
     from zoo.manifest import Source, check_name
@@ -126,6 +126,7 @@ def extract(
         with ShardReader(base / shard) as f:
             base_shard.update((k, (shard, f.shape(k))) for k in f.keys())
 
+    map_large_allocations()  # else the heap keeps every freed tensor pair: RSS would grow module by module
     report = ExtractReport(ref=name, shards=len(tuned_layout.shards))
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -149,13 +150,14 @@ def extract(
                     elif key.endswith(".weight") and key.removesuffix(".weight") in kinds:
                         module = key.removesuffix(".weight")
                         delta = w_tuned.float() - w_base.float()
+                        w_tuned = w_base = None  # the SVD's workspace then takes their place, not theirs plus its own
                         got = extract_delta(delta.T if kinds[module] == "conv1d" else delta, rank=rank, sv_threshold=sv_threshold)
                         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = got.A.contiguous(), got.B.contiguous()
                         ranks[module] = got.rank
                         report.modules.append(ModuleExtraction(module, got.rank, got.norm, got.error))
                     else:
                         changed_other.setdefault(key.rpartition(".")[0], []).append(key)
-                    del w_tuned, w_base
+                    w_tuned = w_base = delta = None  # freed before the next pair is read
                     if progress is not None:
                         progress(key, report.tensors, total)
     finally:
