@@ -162,6 +162,9 @@ def merge(model: nn.Module) -> dict:
             "(device_map with CPU/disk offload), so they are not in memory to change; load the base without offloading "
             "to merge, or keep the adapters unmerged (they run on offloaded modules as on loaded ones)"
         )
+    from compose.lora.model import untie_weights
+
+    untie_weights(model)  # a head tied to the embeddings gets its own merged weight, as the unmerged forward has it
     errors = {path: err for path, m in model.named_modules() if isinstance(m, LoraLayer) and (err := m.merge()) is not None}
     merge_ia3(model)
     return errors
@@ -172,10 +175,13 @@ def unmerge(model: nn.Module) -> nn.Module:
     from compose.ia3.model import unmerge_ia3
     from compose.lora.layer import LoraLayer
 
+    from compose.lora.model import retie_weights
+
     unmerge_ia3(model)
     for m in model.modules():
         if isinstance(m, LoraLayer) and m.merged:
             m.unmerge()
+    retie_weights(model)
     return model
 
 

@@ -3,6 +3,7 @@
     python docs/make_methods_tables.py              # sizes: every method on ChatGLM-6B and Llama-2-7B (a few seconds)
     python docs/make_methods_tables.py --peft       # the Llama-2-7B sizes against PEFT's own parameter count
     python docs/make_methods_tables.py --fidelity   # max |Δ| against peft 0.21.2 and adapters 1.3.0 (about a minute)
+    python docs/make_methods_tables.py --wild       # PiSSA/OLoRA and embedding LoRAs against peft 0.21.2 (half a minute)
 
 Sizes come from `zoo.estimate.estimate_adapter` (what `zoo estimate` prints) on the bases' config.json alone;
 each row carries the equivalent CLI command; `--peft` checks them against PEFT's own count. Fidelity runs the engine on the tiny test models (tests/tiny.py)
@@ -298,5 +299,29 @@ def fidelity_tables() -> None:
         print(f"| {kind} | {' | '.join(fmt(v) for k, f, v in worst if k == kind)} |")
 
 
+def wild_table() -> None:
+    """Adapters from the wild (tests/test_wild_adapters.py's cases), max |Δ logit| against PEFT's loaded model:
+    zoo loaded, merged in memory, streamed, and PEFT's own merge_and_unload."""
+    import os
+    import tempfile
+
+    from transformers.utils import logging
+
+    from test_wild_adapters import EMBEDDING_TARGETS, RESIDUAL_CASES, differences, embedding_adapter, residual_adapter
+
+    logging.disable_progress_bar()
+    fmt = lambda x: "0" if x == 0 else f"{x:.1e}"
+    cases = [(f"{init} saved unconverted, {model}", lambda folder, i=init, m=model: residual_adapter(folder, i, m)) for init, model in RESIDUAL_CASES]
+    cases += [(f"LoRA on {' + '.join(t)} of a tied-embedding Llama", lambda folder, t=t: embedding_adapter(folder, t)) for t in EMBEDDING_TARGETS]
+    print("| adapter | loaded | merged in memory | `zoo merge` (streaming) | peft's own merge_and_unload |")
+    print("|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as work:
+        os.environ.update(ZOO_HOME=str(Path(work) / "zoo-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        for i, (label, make) in enumerate(cases):
+            base, adapter = make(Path(work) / f"adapter{i}")
+            base.save_pretrained(Path(work) / f"base{i}")
+            print(f"| {label} | {' | '.join(fmt(d) for d in differences(base, Path(work) / f'base{i}', adapter, Path(work) / f'merged{i}'))} |")
+
+
 if __name__ == "__main__":
-    {"--fidelity": fidelity_tables, "--peft": peft_counts}.get(sys.argv[-1], size_tables)()
+    {"--fidelity": fidelity_tables, "--peft": peft_counts, "--wild": wild_table}.get(sys.argv[-1], size_tables)()

@@ -32,13 +32,15 @@ def _built(cls, config, seed: int) -> nn.Module:
     return model
 
 
-def tiny_llama(seed: int = 0, causal: bool = True, hidden: int = 32) -> nn.Module:
-    """A 2-layer Llama (GQA: 4 heads, 2 KV heads); `LlamaForCausalLM` or, with causal=False, `LlamaModel`."""
+def tiny_llama(seed: int = 0, causal: bool = True, hidden: int = 32, tied: bool = False) -> nn.Module:
+    """A 2-layer Llama (GQA: 4 heads, 2 KV heads); `LlamaForCausalLM` or, with causal=False, `LlamaModel`;
+    with `tied`, its LM head is the input embeddings' weight."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        tie_word_embeddings=tied,
     )
     return _built(LlamaForCausalLM if causal else LlamaModel, config, seed)
 
@@ -60,6 +62,17 @@ def tiny_bert(seed: int = 0, num_labels: int | None = 3) -> nn.Module:
         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels or 2,
     )
     return _built(BertModel if num_labels is None else BertForSequenceClassification, config, seed)
+
+
+def tiny_roberta(seed: int = 0, num_labels: int = 2) -> nn.Module:
+    """A 1-layer `RobertaForSequenceClassification`: its head is two Linears, `classifier.dense` and `classifier.out_proj`."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=VOCAB + 8, num_labels=num_labels, pad_token_id=1,
+    )
+    return _built(RobertaForSequenceClassification, config, seed)
 
 
 def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:

@@ -63,14 +63,18 @@ def measure_tensors(weights: Path) -> SizeInfo:
     return SizeInfo(trainable_params=sum(d.params for d in by_dtype.values()), bytes=sum(d.bytes for d in by_dtype.values()), by_dtype=by_dtype)
 
 
-def measure_size(weights: Path, config: MethodConfig) -> SizeInfo:
-    """Sizes from the safetensors header; for LoRA every module's rank must be the one the config gives it
-    (other methods' shapes are checked against the model when attached)."""
-    if config.method != "lora":
-        return measure_tensors(weights)
+def measure_size(weights: Path, config: MethodConfig, raw_config: dict | None = None) -> SizeInfo:
+    """Sizes from the safetensors header, after the checks `zoo inspect` makes of it with the adapter's own
+    config (`raw_config`), so nothing is stored that inspect refuses; for LoRA every module's rank must be
+    the one the config gives it (shapes are checked against the model when attached)."""
     from zoo.inspect import inspect_adapter
 
-    report = inspect_adapter(weights, config={"peft_type": "LORA", **config.model_dump()})
+    if raw_config is None and config.method == "lora":
+        raw_config = {"peft_type": "LORA", **config.model_dump()}
+    if raw_config is not None:
+        report = inspect_adapter(weights, config=raw_config)
+    if config.method != "lora":
+        return measure_tensors(weights)
     for row in report.modules:
         if row.rank != config.rank_for(row.module):
             raise ZooError(
@@ -160,7 +164,7 @@ def register_folder(
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
-        size = measure_size(adapter.weights, adapter.config)
+        size = measure_size(adapter.weights, adapter.config, adapter.raw_config)
         store = open_store()
         files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
     if adapter.converted_from:

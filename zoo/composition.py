@@ -92,8 +92,10 @@ def combine_adapters(
     adapters = [as_lora(a) for a in adapters]
     check_members(adapters)
     for a in adapters:
-        if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias:
-            feature = "DoRA" if a.config.use_dora else "modules_to_save" if a.config.modules_to_save else "lora_bias"
+        other = next((k for k in a.state if not k.endswith(_FACTOR_SUFFIXES)), None)  # e.g. LoRA on an embedding
+        if a.config.use_dora or a.config.modules_to_save or a.config.lora_bias or a.config.init_lora_weights or other:
+            feature = ("DoRA" if a.config.use_dora else "modules_to_save" if a.config.modules_to_save else "lora_bias" if a.config.lora_bias
+                       else f"{a.config.init_lora_weights} (trained on a residual base)" if a.config.init_lora_weights else f"tensor {other!r}")
             raise ZooError(f"{a.name} uses {feature}, which a weighted sum of LoRA factors cannot express", "stack it instead")
     if len({a.config.fan_in_fan_out for a in adapters}) > 1:
         raise ZooError("the adapters disagree on fan_in_fan_out", "compose adapters of one base")

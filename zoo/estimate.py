@@ -2,7 +2,8 @@
 
 Every method's size is a formula over the base's shapes, written out below so it can be checked:
 
-    lora        Σ r·(in + out)                     over the targeted linear layers
+    lora        Σ r·(in + out)                     over the targeted linear and embedding layers (in = vocab)
+                + the weights of targeted input/output embeddings, which PEFT saves with the adapter
     adalora     Σ r·(in + out + 1)                 (+1: the singular values lora_E), r = init_r
     ia3         Σ out  (+ Σ in for feed-forward targets, which scale their input)
     prefix      N · layers · 2 · kv_width          (a key and a value per virtual token and layer)
@@ -181,6 +182,8 @@ class _Architecture:
     source: Literal["transformers meta model", "architecture description"]
     unsupported: dict[str, str]  # non-linear module name → type, to reject targets LoRA cannot size
     config: dict[str, Any] = field(default_factory=dict)  # the config as PEFT sees it (defaults filled in)
+    embeddings: list[_Linear] = field(default_factory=list)  # nn.Embedding (in: vocabulary, out: width): LoRA can target them
+    saved_embeddings: dict[str, int] = field(default_factory=dict)  # input/output embedding module → its parameters, saved when targeted
 
 
 def estimate_adapter(
@@ -289,11 +292,33 @@ def estimate_adapter(
 def _size_lora(arch: _Architecture, config_path: Path, rank: int | None, targets) -> dict:
     r = 8 if rank is None else rank
     targets = _default_targets(arch, targets, DEFAULT_LORA_TARGETS, "LoRA")
+    chosen = _select(arch, targets, config_path, "lora")
     rows = [
         EstimateRow(kind=k, in_features=i, out_features=o, count=c, params=c * r * (i + o), detail=f"A {r}×{i} + B {o}×{r}")
-        for (k, i, o), c in _kinds(_select(arch, targets, config_path, "lora")).items()
+        for (k, i, o), c in _kinds(chosen).items()
     ]
+    if _embedding_targeted(arch, targets):  # PEFT's save_embedding_layers="auto"
+        rows += [
+            EstimateRow(kind=f"{_kind(m.name)} (saved weights)", in_features=None, out_features=None, count=1, params=arch.saved_embeddings[m.name],
+                        detail="the base layer, saved with the adapter (embedding layers in target_modules)")
+            for m in chosen if m.name in arch.saved_embeddings
+        ]
     return {"rows": rows, "rank": r, "targets": targets}
+
+
+#: PEFT's EMBEDDING_LAYER_NAMES: targeting one of these makes it save the targeted embedding layers' weights.
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_targeted(arch: _Architecture, targets) -> bool:
+    """Whether PEFT saves the targeted embedding layers with the adapter: `targets` names embed_tokens or
+    lm_head (a list), or a regex matches a module so named (peft.utils.save_and_load)."""
+    if not isinstance(targets, str):
+        return any(name in targets for name in _EMBEDDING_LAYER_NAMES)
+    if targets.lower() == "all-linear":
+        return False
+    names = [m.name for m in arch.linears + arch.embeddings]
+    return any(re.match(rf"(.*\.)?{e}$", n) and matches_target(n, targets) for n in names for e in _EMBEDDING_LAYER_NAMES)
 
 
 def _size_adalora(arch: _Architecture, config_path: Path, init_r: int | None, target_r: int | None, targets) -> dict:
@@ -600,11 +625,14 @@ def _select(arch: _Architecture, targets: list[str] | str, config_path: Path, me
     """The linear layers `targets` pick, with PEFT's matching; anything else they match is an error."""
     if (targets if isinstance(targets, str) else " ".join(targets)).lower() == "all-linear":
         return [m for m in arch.linears if m.name not in arch.head]
-    for name, kind in arch.unsupported.items():
+    # LoRA adapts embeddings too (PEFT's lora_embedding_A/B); AdaLoRA and IA3 do not
+    unsupported = arch.unsupported if method == "lora" else {**arch.unsupported, **{m.name: "Embedding" for m in arch.embeddings}}
+    for name, kind in unsupported.items():
         if matches_target(name, targets):
-            raise ZooError(f"target {targets!r} matches {name} ({kind}); estimate sizes {method} on Linear/Conv1D layers only",
+            what = "Linear/Conv1D/Embedding" if method == "lora" else "Linear/Conv1D"
+            raise ZooError(f"target {targets!r} matches {name} ({kind}); estimate sizes {method} on {what} layers only",
                            "name the linear layers instead, e.g. q_proj v_proj")
-    chosen = [m for m in arch.linears if matches_target(m.name, targets)]
+    chosen = [m for m in arch.linears + (arch.embeddings if method == "lora" else []) if matches_target(m.name, targets)]
     if not chosen:
         examples = ", ".join(sorted({_kind(m.name) for m in arch.linears})[:8])
         raise ZooError(f"targets {targets!r} match no linear layer of {config_path}", f"its linear layers are: {examples}")
@@ -647,14 +675,21 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
     with torch.device("meta"):
         model = model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
 
-    linears, unsupported = [], {}
+    linears, embeddings, unsupported = [], [], {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             linears.append(_Linear(name, module.in_features, module.out_features))
         elif isinstance(module, Conv1D):  # GPT-2's Conv1D stores its weight as (in, out)
             linears.append(_Linear(name, *module.weight.shape))
+        elif isinstance(module, torch.nn.Embedding):
+            embeddings.append(_Linear(name, module.num_embeddings, module.embedding_dim))
         elif name:
             unsupported[name] = type(module).__name__
+    try:
+        ends = {model.get_input_embeddings(), model.get_output_embeddings()} - {None}
+    except NotImplementedError:  # a model without the accessor: nothing PEFT would save either
+        ends = set()
+    saved_embeddings = {name: sum(p.numel() for p in m.parameters(recurse=False)) for name, m in model.named_modules() if m in ends}
     # "all-linear" leaves out the output head, as PEFT does: the LM head, or (PEFT with task_type
     # SEQ_CLS) a classifier, which is trained in full through modules_to_save instead.
     head_module = model.get_output_embeddings()
@@ -667,6 +702,7 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
     return _Architecture(
         model_type=model_type, linears=linears, head=head, params=sum(p.numel() for p in model.parameters()),
         source="transformers meta model", unsupported=unsupported, config=dims.get("text_config") or dims,
+        embeddings=embeddings, saved_embeddings=saved_embeddings,
     )
 
 

@@ -30,6 +30,7 @@ from zoo.estimate import (
     prefix_projection_params,
     ptuning_encoder_params,
 )
+from zoo.formats.peft import LEGACY_PROMPT_KEYS, check_legacy_config
 from zoo.formats.safetensors_header import TensorInfo, read_safetensors_header
 from zoo.units import human_bytes
 
@@ -269,12 +270,13 @@ def _analyse_prompt_learning(method: str) -> Analyser:
     """PEFT saves every prompt-learning method as one `prompt_embeddings` tensor (T, W): prompt and
     P-tuning T = N·submodules virtual tokens of the embedding width; prefix T = N tokens of
     layers·2·KV width (a key and a value per layer). P-tuning's encoder and the prefix projection are
-    trained and thrown away: the tensor is their output."""
+    trained and thrown away: the tensor is their output. peft 0.2 saved it as `prompt_encoder.embedding.weight`."""
 
     def analyse(tensors: dict[str, TensorInfo], config: dict) -> Analysis:
-        t = tensors.get(_PROMPT_KEY)
-        if t is None:
+        key = next((k for k in (_PROMPT_KEY, *LEGACY_PROMPT_KEYS) if k in tensors), None)
+        if key is None:
             return Analysis([], set())
+        t = tensors[key]
         if len(t.shape) != 2:
             raise ZooError(f"{_PROMPT_KEY} has shape {list(t.shape)}", "expected (virtual tokens, width)")
         rows_n, width = t.shape
@@ -307,7 +309,7 @@ def _analyse_prompt_learning(method: str) -> Analyser:
                 warnings.append(f"{_PROMPT_KEY} alone does not tell prompt tuning, P-tuning and prefix tuning apart; "
                                 "inspect the folder with its adapter_config.json (peft_type)")
             role = f"{rows_n} virtual tokens × {width}"
-        return Analysis([_row(_PROMPT_KEY, [t], role=role)], {_PROMPT_KEY}, summary, warnings)
+        return Analysis([_row(_PROMPT_KEY, [t], role=role)], {key}, summary, warnings)
 
     return analyse
 
@@ -515,6 +517,7 @@ def inspect_adapter(
             raise ZooError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})", "re-save the adapter config") from None
     header = read_safetensors_header(weights)
     config = config or {}
+    check_legacy_config(config, str(path / ADAPTER_CONFIG if path.is_dir() else weights))
     tensors = header.tensors
 
     method = _method_from_config(config, weights)

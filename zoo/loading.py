@@ -108,10 +108,13 @@ def _member(composition: CompositionManifest, member, registry: PathLike | None)
 
 
 def _num_labels(adapter: ResolvedAdapter) -> int | None:
-    """A classification head saved in modules_to_save fixes the label count (last Linear's out features)."""
+    """A classification head saved in modules_to_save fixes the label count: the out features of its output
+    layer, the matrix whose outputs feed no other saved matrix (RoBERTa's `classifier.out_proj` after
+    `classifier.dense`, whose outputs it reads); among several such, the narrowest."""
     saved = getattr(adapter.config, "modules_to_save", None) or []
-    heads = [k for k in adapter.state if k.endswith(".weight") and any(k.startswith(m + ".") or f".{m}." in k for m in saved)]
-    return adapter.state[max(heads, key=lambda k: k.count("."))].shape[0] if heads else None
+    heads = [t for k, t in adapter.state.items() if k.endswith(".weight") and t.dim() == 2 and any(k.startswith(m + ".") or f".{m}." in k for m in saved)]
+    outputs = [t for t in heads if not any(t.shape[0] == other.shape[1] for other in heads if other is not t)]
+    return min(t.shape[0] for t in outputs or heads) if heads else None
 
 
 def quantization_config_for(quantize: str | None) -> Any:
@@ -236,7 +239,8 @@ def load(
         kwargs = {k: v for k, v in dict(dtype=dtype, device_map=device_map, quantization_config=quantization_config).items() if v is not None}
         if first and first.task_type in ("SEQ_CLS", "TOKEN_CLS") and "num_labels" not in from_pretrained_kwargs:
             if (n := _num_labels(first)) is not None:
-                kwargs["num_labels"] = n
+                # the adapter's saved head replaces the checkpoint's, which may have been made for other labels
+                kwargs.update(num_labels=n, ignore_mismatched_sizes=from_pretrained_kwargs.pop("ignore_mismatched_sizes", True))
         model = load_base(
             base, task_type=first and first.task_type, architecture=first and first.architecture, model_class=model_class,
             trust_remote_code=trust_remote_code, **kwargs, **from_pretrained_kwargs,

@@ -36,7 +36,9 @@ def merge(
 
     Args:
         adapters: (config, state) per adapter, states keyed as the engine takes them
-            (`<module>.lora_A.weight`, `<module>.lora_B.weight`); several adapters add up (stacked).
+            (`<module>.lora_A.weight`, `<module>.lora_B.weight`; on embeddings `<module>.lora_embedding_A/B`;
+            base weights an adapter carries, `<module>.base_layer.weight`, replace the base's); several
+            adapters add up (stacked).
         base: a local `save_pretrained` folder with safetensors weights (one file or sharded).
         out: the folder to create (absent or empty); same shards, config and tokenizer files as `base`.
         dtype: output dtype of floating tensors ('bfloat16', 'float16', 'float32'; None: unchanged).
@@ -61,7 +63,7 @@ def merge(
     if not os.path.isdir(base):
         raise ZooError(f"base {os.fspath(base)!r} is not a folder", "download the base model first (save_pretrained or `hf download`) and pass its folder")
     deltas = lora_deltas(adapters)
-    kwargs = dict(dtype=dtype, quantize=quantize, dequantize=dequantize, double_quant=double_quant)
+    kwargs = dict(dtype=dtype, quantize=quantize, dequantize=dequantize, double_quant=double_quant, weights=carried_weights(adapters))
     if not progress:
         return merge_checkpoint(base, out, deltas, **kwargs)
     from rich.console import Console
@@ -111,22 +113,44 @@ def merge_adapters(
                  quantize=quantize, dequantize=dequantize, progress=progress)
 
 
+#: State-key suffixes of (A, B): LoRA on a Linear/Conv1D, and on an nn.Embedding.
+_FACTORS = {False: (".lora_A.weight", ".lora_B.weight"), True: (".lora_embedding_A", ".lora_embedding_B")}
+_CARRIED = ".base_layer.weight"  # a base weight the adapter was saved with (PEFT's saved embedding layers)
+
+
 def lora_deltas(adapters: list[tuple[LoraConfig, dict[str, torch.Tensor]]]) -> dict:
-    """Module path → one `LoraDelta(A, B, scaling, fan_in_fan_out)` per adapter that targets it, in order."""
+    """Module path → one `LoraDelta(A, B, scaling, fan_in_fan_out, embedding, init)` per adapter that targets it, in order."""
     from compose.merge.checkpoint import LoraDelta
 
     deltas: dict[str, list] = {}
     for config, state in adapters:
-        unsupported = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        unsupported = [k for k in state if not k.endswith((*_FACTORS[False], *_FACTORS[True], _CARRIED))]
         if config.use_dora or unsupported:
             what = "DoRA" if config.use_dora else f"tensor '{unsupported[0]}' (lora_bias or modules_to_save)"
             raise ZooError(f"cannot stream-merge an adapter with {what}: only plain LoRA factors merge into a checkpoint",
                            "merge it in memory: zoo.load(base, adapters, merge=True).save_pretrained(out)")
-        modules = {k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
-        lonely = modules ^ {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")}
-        if lonely:
-            raise ZooError(f"module '{sorted(lonely)[0]}' lacks lora_A or lora_B", "the adapter file is incomplete; re-save it")
-        for module in sorted(modules):
-            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-            deltas.setdefault(module, []).append(LoraDelta(a, b, config.scaling_for(module), config.fan_in_fan_out))
+        for embedding, (a_suffix, b_suffix) in _FACTORS.items():
+            modules = {k.removesuffix(a_suffix) for k in state if k.endswith(a_suffix)}
+            lonely = modules ^ {k.removesuffix(b_suffix) for k in state if k.endswith(b_suffix)}
+            if lonely:
+                raise ZooError(f"module '{sorted(lonely)[0]}' lacks {a_suffix.strip('.')} or {b_suffix.strip('.')}", "the adapter file is incomplete; re-save it")
+            for module in sorted(modules):
+                # a weight saved with the adapter is its base as trained: for PiSSA/OLoRA, the residual already
+                init = None if embedding or module + _CARRIED in state else config.init_lora_weights
+                delta = LoraDelta(state[module + a_suffix], state[module + b_suffix], config.scaling_for(module), config.fan_in_fan_out, embedding, init)
+                deltas.setdefault(module, []).append(delta)
     return deltas
+
+
+def carried_weights(adapters: list[tuple[LoraConfig, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Module path → the base weight an adapter was saved with (`<module>.base_layer.weight`), which the merge
+    writes in place of the checkpoint's."""
+    import torch
+
+    carried: dict[str, torch.Tensor] = {}
+    for _, state in adapters:
+        for key, tensor in state.items():
+            module = key.removesuffix(_CARRIED)
+            if key.endswith(_CARRIED) and carried.setdefault(module, tensor) is not tensor and not torch.equal(carried[module], tensor):
+                raise ZooError(f"the adapters carry different weights for module '{module}' (saved embedding layers)", "merge one of them at a time")
+    return carried

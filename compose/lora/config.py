@@ -43,6 +43,9 @@ class LoraConfig(BaseModel):
     lora_bias: bool = Field(False, description="lora_B carries a bias.")
     target_modules: list[str] | str = Field(default_factory=list, description="Module-name suffixes, or one regex, that LoRA targets.")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules stored as full trained copies (e.g. a classifier head).")
+    init_lora_weights: Literal["pissa", "olora"] | None = Field(
+        None, description="Trained from PiSSA / OLoRA factors B₀, A₀ of the base weight: it adapts the residual W − s·B₀·A₀ (`compose.lora.residual`).",
+    )
 
     @classmethod
     def at_scaling_one(cls, ranks: dict[str, int], **fields) -> LoraConfig:

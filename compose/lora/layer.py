@@ -3,6 +3,7 @@
 For each active adapter, in order, the layer adds to the base output y = W·x + b
 
     LoRA:  s·(B·A·x + β)                                  (β only with lora_bias)
+    LoRA on an embedding (ids x):  s·B·Aᵀ[x]               (A (r, vocab): a one-hot x times Aᵀ, as PEFT's Embedding)
     DoRA:  (f − 1)·(y − b) + f·s·B·A·x,   f = m / ‖W + s·B·A‖_row   (norm detached)
 
 where y is the running output, as PEFT computes it (so a DoRA adapter also rescales the adapters
@@ -27,7 +28,8 @@ from compose.merge.report import QuantError
 
 
 def base_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' (GPT-2's Conv1D, weight stored (in, out)), 'bnb4', 'bnb8', or None if LoRA can't wrap it."""
+    """'linear', 'conv1d' (GPT-2's Conv1D, weight stored (in, out)), 'embedding' (weight (vocab, dim), i.e. (in, out)
+    too), 'bnb4', 'bnb8', or None if LoRA can't wrap it."""
     bnb = {c.__name__ for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes")}
     if bnb:  # bnb layers subclass nn.Linear, so look at them first
         return "bnb4" if "Linear4bit" in bnb else "bnb8" if "Linear8bitLt" in bnb else None
@@ -35,12 +37,14 @@ def base_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
         return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
     return None
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a module `base_kind` accepts."""
-    if base_kind(module) == "conv1d":
+    """(in_features, out_features) of a module `base_kind` accepts (an embedding's: vocabulary, width)."""
+    if base_kind(module) in ("conv1d", "embedding"):
         return tuple(module.weight.shape)
     return module.in_features, module.out_features
 
@@ -51,7 +55,12 @@ def adapter_dtype(module: nn.Module) -> torch.dtype:
 
 
 class LoraAdapter(nn.Module):
-    """One adapter's tensors at one module: A (r, in), B (out, r), optional β (out,) and DoRA m (out,)."""
+    """One adapter's tensors at one module: A (r, in), B (out, r), optional β (out,) and DoRA m (out,).
+
+    `residual`: the second half of the rank is −B₀·A₀ of a PiSSA/OLoRA initialisation (`compose.lora.residual`),
+    the first half the trained factors. `base_weights`: weights of the base module the adapter was saved with
+    (PEFT's saved embedding layers), which `attach_lora` puts in place of the model's while it is attached.
+    """
 
     def __init__(
         self,
@@ -60,12 +69,17 @@ class LoraAdapter(nn.Module):
         scaling: float,
         lora_bias: torch.Tensor | None = None,
         magnitude: torch.Tensor | None = None,
+        *,
+        residual: bool = False,
+        base_weights: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         frozen = lambda t: None if t is None else nn.Parameter(t, requires_grad=False)  # noqa: E731
         self.lora_A, self.lora_B = frozen(lora_A), frozen(lora_B)
         self.lora_bias, self.magnitude = frozen(lora_bias), frozen(magnitude)
         self.scaling = scaling
+        self.residual = residual
+        self.base_weights = base_weights or {}  # plain tensors: not the adapter's parameters, and saved with the base's
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A as (out, in), in fp32 at least (half-precision matmuls are slow and lossy on CPU)."""
@@ -74,13 +88,13 @@ class LoraAdapter(nn.Module):
 
 
 class LoraLayer(Delegating):
-    """Wraps a Linear, Conv1D or bitsandbytes 4/8-bit Linear (`base_layer`) and adds its adapters' outputs."""
+    """Wraps a Linear, Conv1D, Embedding or bitsandbytes 4/8-bit Linear (`base_layer`) and adds its adapters' outputs."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.kind = base_kind(base_layer)
         if self.kind is None:
-            raise CompositionError(f"LoRA cannot wrap a {type(base_layer).__name__}; supported: Linear, Conv1D, bnb Linear4bit/Linear8bitLt")
+            raise CompositionError(f"LoRA cannot wrap a {type(base_layer).__name__}; supported: Linear, Conv1D, Embedding, bnb Linear4bit/Linear8bitLt")
         self.quantized = self.kind in ("bnb4", "bnb8")
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
@@ -123,28 +137,48 @@ class LoraLayer(Delegating):
             return result
         out_dtype = result.dtype
         if self.fusion is not None:
-            x = x.to(self.fused[0].lora_A.dtype)
-            deltas = torch.stack([F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias) * ad.scaling for ad in self.fused])
-            return (result + self.fusion(result.to(x.dtype), deltas)).to(out_dtype)
+            deltas = torch.stack([self.lora_output(ad, x) for ad in self.fused])
+            return (result + self.fusion(result.to(deltas.dtype), deltas)).to(out_dtype)
         if not self.active:
             return result
         for ad in self.active:
-            x = x.to(ad.lora_A.dtype)
+            h = self.down(ad, x)
             # plain LoRA: s·B·(A·x) into the output in place, the scaling inside the matmul (BLAS alpha): the
             # same sums, one pass over the output instead of three
-            if ad.magnitude is None and ad.lora_bias is None and self.adds_in_place(result, x.dtype):
-                result.view(-1, result.shape[-1]).addmm_(F.linear(x, ad.lora_A).view(-1, ad.lora_A.shape[0]), ad.lora_B.T, alpha=ad.scaling)
+            if ad.magnitude is None and ad.lora_bias is None and self.adds_in_place(result, h.dtype) and self.embed_scale() is None:
+                result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), ad.lora_B.T, alpha=ad.scaling)
                 continue
-            lora = F.linear(F.linear(x, ad.lora_A), ad.lora_B, ad.lora_bias)
             if ad.magnitude is None:
-                delta = lora * ad.scaling
+                delta = self.up(ad, h)
             else:
-                f = (ad.magnitude / self._dora_norm(ad, x.dtype)).view(1, -1)
+                f = (ad.magnitude / self._dora_norm(ad, h.dtype)).view(1, -1)
                 bias = self.base_layer.bias
-                delta = (f - 1) * (result if bias is None else result - bias) + f * lora * ad.scaling
+                delta = (f - 1) * (result if bias is None else result - bias) + f * F.linear(h, ad.lora_B, ad.lora_bias) * ad.scaling
             # PEFT's bnb layers cast each adapter's output back before adding; its Linear adds, then casts
             result = result + (delta.to(out_dtype) if self.quantized else delta)
         return result.to(out_dtype)
+
+    def down(self, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """A·x in the adapter's dtype: the input cast to it, or for an embedding the rows Aᵀ[x] (PEFT's `_embed`)."""
+        if self.kind != "embedding":
+            return F.linear(x.to(ad.lora_A.dtype), ad.lora_A)
+        emb = self.base_layer
+        return F.embedding(x, ad.lora_A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+
+    def up(self, ad: LoraAdapter, h: torch.Tensor) -> torch.Tensor:
+        """s·(B·h + β), times the scale an embedding applies to its own output (e.g. Gemma's √d), as PEFT does."""
+        delta = F.linear(h, ad.lora_B, ad.lora_bias) * ad.scaling
+        scale = self.embed_scale()
+        return delta if scale is None else delta * scale.to(delta.dtype)
+
+    def lora_output(self, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """One adapter's output for input `x`: s·(B·A·x + β)."""
+        return self.up(ad, self.down(ad, x))
+
+    def embed_scale(self) -> torch.Tensor | None:
+        """The scale an embedding layer multiplies its output by (`embed_scale`), which its LoRA output gets too."""
+        scale = getattr(self.base_layer, "embed_scale", None) if self.kind == "embedding" else None
+        return torch.as_tensor(scale) if isinstance(scale, (int, float)) else scale
 
     def adds_in_place(self, result: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether adapter outputs of `dtype` may be accumulated into the base output `result` in place: at
@@ -167,7 +201,7 @@ class LoraLayer(Delegating):
             scb = self.base_layer.state.SCB if self.kind == "bnb8" else None
             state = weight.quant_state if self.kind == "bnb4" else (weight.SCB if scb is None else scb)
             return dequantize(weight.data, state)
-        return weight.T if self.kind == "conv1d" else weight
+        return weight.T if self.kind in ("conv1d", "embedding") else weight
 
     @torch.no_grad()
     def merge(self) -> QuantError | None:
@@ -185,7 +219,7 @@ class LoraLayer(Delegating):
             return None
         if self.fusion is not None or self.skip:
             raise CompositionError("cannot merge a LoRA layer that runs an AdapterFusion or is dropped (AdapterDrop); detach_fusion / set_drop(model, 0) first")
-        weight, bias = self._weight_to_merge(), self.base_layer.bias
+        weight, bias = self._weight_to_merge(), getattr(self.base_layer, "bias", None)
         factors = [None if ad.magnitude is None else (ad.magnitude / self._dora_norm(ad, ad.lora_A.dtype)) for ad in self.active]
         if any(ad.lora_bias is not None for ad in self.active) and bias is None:
             raise CompositionError("cannot merge lora_bias into a layer without a bias; keep the adapter unmerged")
@@ -212,7 +246,7 @@ class LoraLayer(Delegating):
         """
         if not self.merged:
             return None
-        weight, bias = self._weight_to_merge(copy=False), self.base_layer.bias  # merge() stored a copy of its own
+        weight, bias = self._weight_to_merge(copy=False), getattr(self.base_layer, "bias", None)  # merge() stored a copy of its own
         while self.merged:
             ad, f = self.merged.pop()
             if f is None:
@@ -249,7 +283,7 @@ class LoraLayer(Delegating):
         """Put the merged weight in the base layer: as its parameter's data (tied parameters follow: they are
         the same object), or for bitsandbytes quantized back into it, returning the rounding that adds."""
         if not self.quantized:
-            self.base_layer.weight.data = weight.T if self.kind == "conv1d" else weight
+            self.base_layer.weight.data = weight.T if self.kind in ("conv1d", "embedding") else weight
             return None
         from compose.merge.bnb import requantize_layer
 

@@ -154,7 +154,7 @@ def enable_mixed(model: nn.Module, names: list[str]) -> None:
 
     Raises:
         CompositionError: `names` is empty, repeats a name or names an adapter that is not attached; one is
-            DoRA or has `modules_to_save` copies; a LoRA layer is merged or runs an AdapterFusion.
+            DoRA, has `modules_to_save` copies or adapts an embedding; a LoRA layer is merged or runs an AdapterFusion.
     """
     attached = attached_adapters(model)
     unknown = [n for n in names if n not in attached]
@@ -168,6 +168,8 @@ def enable_mixed(model: nn.Module, names: list[str]) -> None:
         dora = [n for n in names if n in layer.adapters and layer.adapters[n].magnitude is not None]
         if dora:
             raise CompositionError(f"adapter '{dora[0]}' is DoRA (module '{path}'); mixed batches take plain LoRA adapters only (as PEFT's adapter_names=)")
+        if layer.kind == "embedding" and set(names) & set(layer.adapters):
+            raise CompositionError(f"adapter '{next(n for n in names if n in layer.adapters)}' adapts the embedding '{path}'; mixed batches take LoRA on Linear/Conv1D modules only")
     for path, module in saved:
         copied = [n for n in names if n in module.copies]
         if copied:

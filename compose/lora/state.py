@@ -17,10 +17,11 @@ from compose.targets import matches_target
 
 def new_lora_state(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fresh LoRA factors for every module `config.target_modules` names, initialised as PEFT does by
-    default: A ~ Kaiming-uniform (a=√5, as nn.Linear), B = 0, so the new adapter starts as a no-op.
+    default: A ~ Kaiming-uniform (a=√5, as nn.Linear), B = 0 (on an embedding: A = 0, B ~ N(0, 1)), so the
+    new adapter starts as a no-op.
 
     Raises:
-        CompositionError: no Linear/Conv1D module matches the targets.
+        CompositionError: no Linear/Conv1D/Embedding module matches the targets.
     """
     generator = torch.Generator().manual_seed(seed)
     wrapped = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
@@ -32,22 +33,31 @@ def new_lora_state(model: nn.Module, config: LoraConfig, *, seed: int = 0) -> di
             continue
         n_in, n_out = base_features(module)
         r = config.rank_for(path)
+        if base_kind(module) == "embedding":
+            state[f"{path}.lora_embedding_A"] = torch.zeros(r, n_in)
+            state[f"{path}.lora_embedding_B"] = torch.randn(n_out, r, generator=generator)
+            continue
         bound = 1 / math.sqrt(n_in)  # kaiming_uniform_(a=√5) on an (r, in) matrix
         state[f"{path}.lora_A.weight"] = (torch.rand(r, n_in, generator=generator) * 2 - 1) * bound
         state[f"{path}.lora_B.weight"] = torch.zeros(n_out, r)
     if not state:
-        raise CompositionError(f"no Linear/Conv1D module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+        raise CompositionError(f"no Linear/Conv1D/Embedding module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     return state
 
 
 def lora_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of attached adapter `name`, keyed relative to the model (PEFT keys minus 'base_model.model.')."""
+    """The tensors of attached adapter `name`, keyed relative to the model (PEFT keys minus 'base_model.model.'):
+    as it was saved, so a PiSSA/OLoRA adapter gives its trained factors (its config recomputes the rest)."""
     state = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.adapters:
             ad = module.adapters[name]
-            state[f"{path}.lora_A.weight"] = ad.lora_A.detach().clone()
-            state[f"{path}.lora_B.weight"] = ad.lora_B.detach().clone()
+            r = ad.lora_A.shape[0] // 2 if ad.residual else ad.lora_A.shape[0]
+            a, b = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+            state[f"{path}.{a}"] = ad.lora_A[:r].detach().clone()
+            state[f"{path}.{b}"] = ad.lora_B[:, :r].detach().clone()
+            for field, t in ad.base_weights.items():
+                state[f"{path}.base_layer.{field}"] = t.detach().clone()
             if ad.lora_bias is not None:
                 state[f"{path}.lora_B.bias"] = ad.lora_bias.detach().clone()
             if ad.magnitude is not None:

@@ -3,6 +3,11 @@
     W' = W + Σᵢ sᵢ·Bᵢ·Aᵢ                         (fp32, then cast to the output dtype)
     W' = deq(Q(W)) + Σᵢ sᵢ·Bᵢ·Aᵢ                 (quantize=: the base QLoRA trained against)
 
+W is the adapter's own copy where it carries one (PEFT's saved embedding layers); a PiSSA/OLoRA adapter
+adds s·(B·A − B₀·A₀) with B₀, A₀ from W (`compose.lora.residual`). When a module whose weight is tied to
+another's (an LM head tied to the input embeddings, stored once) is adapted, each gets a tensor of its own
+and config.json says `tie_word_embeddings: false`, so the merge computes what the unmerged model does.
+
 One tensor at a time is read, merged (its ΔW built from the factors just then) and written, into
 shards with the base's names and sharding: peak memory is a few copies of the largest tensor plus the
 adapters' factors — less than one shard, never the whole model. Tensors are read with plain file
@@ -40,12 +45,16 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 class LoraDelta(NamedTuple):
     """One adapter's s·B·A at one module: A (r, in), B (out, r). `fan_in_fan_out`: the base stores this
-    weight as (in, out) (GPT-2's Conv1D) — only consulted when the model's structure is unknown."""
+    weight as (in, out) (GPT-2's Conv1D) — only consulted when the model's structure is unknown.
+    `embedding`: the module is an nn.Embedding (PEFT's lora_embedding_A/B), whose weight is stored
+    (vocab, dim), i.e. (in, out). `init`: 'pissa' | 'olora', the adapter was trained on W − s·B₀·A₀."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
     fan_in_fan_out: bool = False
+    embedding: bool = False
+    init: str | None = None
 
 
 def merge_checkpoint(
@@ -58,6 +67,7 @@ def merge_checkpoint(
     dequantize: bool = False,
     double_quant: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> MergeReport:
     """Write `base_dir`'s model with the LoRA `deltas` merged into it to the new folder `out_dir`.
 
@@ -83,6 +93,8 @@ def merge_checkpoint(
             correct merge of a QLoRA adapter, with no second rounding.
         double_quant: with 4-bit `quantize`, the base was quantized with `bnb_4bit_use_double_quant=True`.
         on_tensor: called as `on_tensor(name, done, total)` after each tensor of the base (progress).
+        weights: module path → the weight an adapter carries for it (PEFT's saved embedding layers),
+            written in place of the checkpoint's (the deltas then go into it).
 
     Returns:
         A `MergeReport`: for each merged module, the error of the written weight against the exact
@@ -90,8 +102,9 @@ def merge_checkpoint(
 
     Raises:
         CompositionError: `out_dir` is not empty; the base has no safetensors weights, is already
-            quantized, or its model type is unknown (with `quantize`); a module of `deltas` is not in the
-            checkpoint or its delta's shape does not fit the weight.
+            quantized, or its model type is unknown (with `quantize`); a module of `deltas` or `weights` is not
+            in the checkpoint or its delta's (weight's) shape does not fit the weight; a PiSSA/OLoRA delta
+            with `quantize`.
     """
     start, start_peak = time.perf_counter(), _peak_rss()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -110,8 +123,8 @@ def merge_checkpoint(
     if "quantization_config" in config:
         raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base with quantize=")
     shapes = _shapes(base_dir, layout.shards)
-    conv1d, quantized = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
-    targets = _targets(deltas, shapes, conv1d)
+    conv1d, quantized, tied = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
+    targets = _targets(deltas, weights or {}, shapes, conv1d, tied, quantize)
     conv1d = conv1d or set()
 
     report = MergeReport(out_dir=out_dir, shards=layout.shards, dtype=dtype and str(dtype).removeprefix("torch."),
@@ -127,21 +140,29 @@ def merge_checkpoint(
                 writer = ShardWriter(tmp / shard, f.metadata)
                 for key in f.keys():
                     tensor = f.get_tensor(key)
-                    path, terms = targets.get(key, (None, None))
-                    method = quantize if key in quantized else None
-                    tensors, error = _merge_tensor(key, tensor, terms, dtype, key in conv1d, method, dequantize, double_quant)
-                    for name, t in tensors.items():
-                        writer.add(name, t)
-                        weight_map[name] = shard
-                    if path is not None:
-                        report.modules[path] = ModuleReport(key, len(terms), error)
+                    target = targets.get(key)
+                    if target is not None and target.carried is not None:
+                        tensor = target.carried.to(tensor.dtype)
+                    # the tied modules' own copies first: the stored tensor's merge consumes it
+                    outputs = [(copy_key, path, terms, tensor.clone()) for copy_key, (path, terms) in (target.copies.items() if target else ())]
+                    outputs.insert(0, (key, *(target[:2] if target else (None, None)), tensor))
+                    for name, path, terms, weight in outputs:
+                        method = quantize if name in quantized else None
+                        tensors, error = _merge_tensor(name, weight, terms, dtype, name in conv1d, method, dequantize, double_quant)
+                        for out_name, t in tensors.items():
+                            writer.add(out_name, t)
+                            weight_map[out_name] = shard
+                        if path is not None and (terms or target.carried is not None):
+                            report.modules[path] = ModuleReport(name, len(terms), error)
+                        del weight, tensors
                     report.tensors += 1
                     report.bytes_read += tensor.nbytes
-                    del tensor, tensors
+                    del tensor, outputs
                     if on_tensor is not None:
                         on_tensor(key, report.tensors, len(shapes))
             report.bytes_written += writer.close()
-        _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant)
+        untied = any(t.copies for t in targets.values())
+        _write_config_and_files(base_dir, tmp, config, layout.index, weight_map, report.bytes_written, dtype, quantize, dequantize, double_quant, untied)
         held.release()  # the lock file must not travel into out_dir
         try:
             for item in tmp.iterdir():  # every byte on disk before the folder appears under its name
@@ -191,9 +212,15 @@ def _add_deltas(exact: torch.Tensor, terms: list) -> torch.Tensor:
     """exact += sᵢ·Bᵢ·Aᵢ for one adapter after the other, in fp32 and in place, oriented like the stored
     weight. One `addmm_` each: the GEMM scales its product and adds it to the weight as it writes, so no
     (out, in) ΔW is ever allocated (2× faster than building it; the tests hold the result bit for bit to
-    PEFT's ΔW = (B·A)·s, W += ΔW). The adapters stay factored in memory."""
-    for a, b, scaling, transposed in terms:
+    PEFT's ΔW = (B·A)·s, W += ΔW). The adapters stay factored in memory. PiSSA/OLoRA factors come from W
+    before any delta, as PEFT computes them on the base it loads."""
+    from compose.lora.residual import initial_factors, with_residual
+
+    initial = [None if init is None else initial_factors(exact, init, a.shape[0], s, transposed=t) for a, _, s, t, init in terms]
+    for (a, b, scaling, transposed, _), factors in zip(terms, initial):
         a, b = a.float(), b.float()
+        if factors is not None:
+            a, b = with_residual(a, b, *factors)
         (exact.T if transposed else exact).addmm_(b, a, alpha=scaling)
     return exact
 
@@ -225,22 +252,28 @@ def find_key(path: str, keys: Collection[str]) -> str | None:
 
 def _structure(
     config: dict, shapes: dict, quantize: str | None, dtype: torch.dtype | None, double_quant: bool, base_dir: Path,
-) -> tuple[set[str] | None, set[str]]:
-    """Checkpoint keys of (Conv1D weights, weights transformers quantizes), from the model built on the
-    meta device; (None, ∅) if transformers does not know the model."""
+) -> tuple[set[str] | None, set[str], dict[str, list[str]]]:
+    """Checkpoint keys of (Conv1D weights, weights transformers quantizes), and module path → the other
+    modules whose weight is the same (tied) parameter, from the model built on the meta device; (None, ∅, {})
+    if transformers does not know the model."""
     model = _meta_model(config)
     if model is None:
         if quantize:
             raise CompositionError(f"{base_dir / CONFIG_NAME}: model type {config.get('model_type')!r} is unknown to transformers, so which layers bitsandbytes quantizes is unknown; merge without quantize=")
-        return None, set()
+        return None, set(), {}
     from transformers.pytorch_utils import Conv1D
 
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.endswith(".weight"):
+            holders.setdefault(id(param), []).append(name.removesuffix(".weight"))
+    tied = {m: [o for o in group if o != m] for group in holders.values() if len(group) > 1 for m in group}
     keys = lambda names: {k for k in (find_key(n, shapes) for n in names) if k is not None}  # noqa: E731
     conv1d = keys(n for n, m in model.named_modules() if isinstance(m, Conv1D))
     if not quantize:
-        return conv1d, set()
+        return conv1d, set(), tied
     bnb, model_dtype = _bnb(), _model_dtype(config, dtype)
-    return conv1d, keys(bnb.quantized_modules(model, bnb.bnb_config(quantize, model_dtype, double_quant), model_dtype))
+    return conv1d, keys(bnb.quantized_modules(model, bnb.bnb_config(quantize, model_dtype, double_quant), model_dtype)), tied
 
 
 def _meta_model(config: dict) -> nn.Module | None:
@@ -258,38 +291,70 @@ def _meta_model(config: dict) -> nn.Module | None:
         return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
 
 
-def _targets(deltas: Mapping[str, Sequence], shapes: dict[str, list[int]], conv1d: set[str] | None) -> dict[str, tuple[str, list]]:
-    """Checkpoint key → (module path, [(A, B, s, stored transposed?)]), all checked before anything is
-    written. Conv1D weights (stored (in, out)) are known from the model's structure, else from each
-    delta's `fan_in_fan_out`."""
-    targets = {}
-    for path, entries in deltas.items():
+class _Target(NamedTuple):
+    """What is written for one checkpoint tensor: the module it belongs to, its deltas
+    [(A, B, s, stored transposed?, init)], the weight an adapter carries for it (None: the checkpoint's), and
+    untied copies {key: (module, deltas)} for the modules tied to it, which the checkpoint does not store."""
+
+    path: str
+    terms: list
+    carried: torch.Tensor | None
+    copies: dict[str, tuple[str, list]]
+
+
+def _targets(
+    deltas: Mapping[str, Sequence], weights: Mapping[str, torch.Tensor], shapes: dict[str, list[int]],
+    conv1d: set[str] | None, tied: dict[str, list[str]], quantize: str | None,
+) -> dict[str, _Target]:
+    """Checkpoint key → `_Target`, all checked before anything is written. Conv1D weights (stored (in, out)) are
+    known from the model's structure, else from each delta's `fan_in_fan_out`; embeddings are stored (in, out)
+    too. A module tied to a stored tensor (an LM head tied to the input embeddings, stored once) gets a tensor
+    of its own when either is adapted, so each merges its own deltas, as the unmerged model computes them."""
+    stored_ties = {k: [o for o in others if find_key(o, shapes) is None] for m, others in tied.items() if (k := find_key(m, shapes))}
+    targets: dict[str, _Target] = {}
+    for path in dict.fromkeys([*deltas, *weights]):
         key = find_key(path, shapes)
-        if key is None:
+        copy_of = None if key is not None else next((k for k in (find_key(o, shapes) for o in tied.get(path, ())) if k), None)
+        stored = key or copy_of
+        if stored is None:
             raise CompositionError(f"module '{path}' has no weight in the base checkpoint (no '{path}.weight', also tried without/with a prefix); the adapter was trained for a different model")
-        if key in targets:
-            raise CompositionError(f"modules '{targets[key][0]}' and '{path}' both name checkpoint tensor '{key}'; give each module once")
-        terms = []
-        for entry in entries:
-            a, b, scaling, fan_in_fan_out = LoraDelta(*entry)
-            transposed = fan_in_fan_out if conv1d is None else key in conv1d
+        if key is not None and key in targets and targets[key].path != path:
+            raise CompositionError(f"modules '{targets[key].path}' and '{path}' both name checkpoint tensor '{key}'; give each module once")
+        carried = weights.get(path)
+        if carried is not None and list(carried.shape) != list(shapes[stored]):
+            raise CompositionError(
+                f"module '{path}': the adapter carries a weight of shape {tuple(carried.shape)} but '{stored}' has shape {tuple(shapes[stored])}; "
+                "it was trained with a resized vocabulary (merge into a base saved after resize_token_embeddings)"
+            )
+        entry = targets.get(stored) or _Target(path if key else stored.removesuffix(".weight"), [], None, {})
+        if carried is not None and entry.carried is not None and not torch.equal(carried, entry.carried):
+            raise CompositionError(f"the adapters carry different weights for checkpoint tensor '{stored}' (tied modules share it); merge one of them at a time")
+        terms = entry.terms if key else entry.copies.setdefault(f"{path}.weight", (path, []))[1]
+        for delta in deltas.get(path, ()):
+            a, b, scaling, fan_in_fan_out, embedding, init = LoraDelta(*delta)
+            if init is not None and quantize:
+                raise CompositionError(f"module '{path}': a {init} adapter was trained on the residual of the full-precision weight; merge it without quantize=")
+            transposed = embedding or (fan_in_fan_out if conv1d is None else key in conv1d)
             expected = [a.shape[1], b.shape[0]] if transposed else [b.shape[0], a.shape[1]]
-            if a.shape[0] != b.shape[1] or expected != list(shapes[key]):
+            if a.shape[0] != b.shape[1] or expected != list(shapes[stored]):
                 raise CompositionError(
-                    f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} give a {tuple(expected)} delta but '{key}' "
-                    f"has shape {tuple(shapes[key])}{' (stored (in, out): fan_in_fan_out)' if transposed else ''}; the adapter was trained for a different model"
+                    f"module '{path}': lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} give a {tuple(expected)} delta but '{stored}' "
+                    f"has shape {tuple(shapes[stored])}{' (stored (in, out): fan_in_fan_out)' if transposed else ''}; the adapter was trained for a different model"
                 )
-            terms.append((a, b, scaling, transposed))
-        if terms:
-            targets[key] = (path, terms)
+            terms.append((a, b, scaling, transposed, init))
+        targets[stored] = entry._replace(path=path if key else entry.path, carried=carried if carried is not None else entry.carried)
+    for key, entry in targets.items():  # every tied module the checkpoint does not store gets its own copy
+        for other in stored_ties.get(key, ()):
+            entry.copies.setdefault(f"{other}.weight", (other, []))
     return targets
 
 
 def _write_config_and_files(
     base_dir: Path, out: Path, config: dict, index: dict | None, weight_map: dict[str, str], total_size: int,
-    dtype: torch.dtype | None, quantize: str | None, dequantize: bool, double_quant: bool,
+    dtype: torch.dtype | None, quantize: str | None, dequantize: bool, double_quant: bool, untied: bool = False,
 ) -> None:
-    """The index (if the base is sharded), config.json (new dtype / quantization_config) and the base's other files."""
+    """The index (if the base is sharded), config.json (new dtype / quantization_config; `untied`: the word
+    embeddings are no longer tied) and the base's other files."""
     if index is not None:
         metadata = {**index.get("metadata", {}), "total_size": total_size}
         (out / INDEX_NAME).write_text(json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
@@ -304,6 +369,10 @@ def _write_config_and_files(
             config[field] = str(dtype).removeprefix("torch.")
     if quantize and not dequantize:
         config["quantization_config"] = _bnb().bnb_config(quantize, _model_dtype(config, dtype), double_quant).to_dict()
+    if untied:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

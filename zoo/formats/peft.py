@@ -24,6 +24,8 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 PROMPT_KEY = "prompt_embeddings"  # prompt learning methods save this one top-level tensor
+#: The same tensor under the name peft 0.2 saved it (the prompt encoder's embedding, e.g. ChatGLM-6B prefixes).
+LEGACY_PROMPT_KEYS = ("prompt_encoder.embedding.weight",)
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KB
 
 #: PEFT's peft_type → the engine's method name (its config class is `compose.methods.METHODS[name][0]`).
@@ -47,6 +49,18 @@ _TRAINING_KEYS = {
 _UNSUPPORTED_KEYS = {
     "alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication", "monteclora_config",
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora", "velora_config",
+}
+# Written by peft < 0.3 for a layout no later peft loads: refused with that cause rather than as an unknown key.
+_LEGACY_KEYS = {
+    "enable_lora": "peft < 0.3's MergedLinear (LoRA on some parts of a fused projection such as ChatGLM's "
+                   "query_key_value, stored as grouped lora_B convolutions), which no current peft or adapter-zoo loads",
+}
+#: LoRA initialisations after which PEFT rewrites the base weights when it loads the adapter (W − s·B₀·A₀):
+#: "pissa" and "olora" are recomputed exactly (full SVD / QR of W, `compose.lora.residual`); these are not.
+_RESIDUAL_REFUSED = {
+    "pissa_niter_": "PiSSA with a randomized SVD (pissa_niter_K)",
+    "corda": "CorDA, whose residual comes from training-data covariances",
+    "loftq": "LoftQ, whose residual is a quantized base",
 }
 
 
@@ -75,6 +89,34 @@ def _is_unset(value: Any) -> bool:
     return value in (None, False, "none", {}, [])
 
 
+def check_legacy_config(cfg: dict[str, Any], where: str = CONFIG_NAME) -> None:
+    """Refuse a config written by a peft whose layout nothing current loads, naming that cause (`zoo add`,
+    `zoo inspect` and `zoo.load` all call this)."""
+    for key, cause in _LEGACY_KEYS.items():
+        if not _is_unset(cfg.get(key)):
+            raise ZooError(f"{where}: {key}={cfg[key]!r} marks {cause}", "retrain the adapter with a current peft (target the fused module whole)")
+
+
+def residual_init(value: Any, where: str = CONFIG_NAME) -> str | None:
+    """A LoRA config's `init_lora_weights` as far as it matters after training: 'pissa' or 'olora' (PEFT loads
+    the adapter onto the residual base W − s·B₀·A₀ of that initialisation), else None (only the start of
+    training). The initialisations whose residual cannot be recomputed are refused."""
+    if not isinstance(value, str):
+        return None
+    name = value.lower()
+    if name in ("pissa", "olora"):
+        return name
+    for prefix, what in _RESIDUAL_REFUSED.items():
+        if name.startswith(prefix):
+            raise ZooError(
+                f"{where}: init_lora_weights={value!r} is {what}: peft loads it onto base weights rewritten by that "
+                "initialisation, which cannot be recomputed here",
+                "convert it to a plain LoRA when saving: save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+                "(peft's convert_pissa_to_lora / convert_corda_to_lora)",
+            )
+    return None
+
+
 def config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[MethodConfig, dict[str, Any]]:
     """Map a PEFT `adapter_config.json` onto the engine's config for its `peft_type`.
 
@@ -90,6 +132,7 @@ def config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[Met
     if method is None:
         raise ZooError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported", f"supported: {', '.join(PEFT_TYPES)}")
     config_class = METHODS[method][0]
+    check_legacy_config(cfg, where)
     if cfg.get("bias", "none") != "none":
         raise ZooError(f"{where}: bias={cfg['bias']!r} is not supported", "re-train with bias='none' (the default)")
     for key in sorted(_UNSUPPORTED_KEYS & cfg.keys()):
@@ -100,6 +143,8 @@ def config_from_peft(cfg: dict[str, Any], where: str = CONFIG_NAME) -> tuple[Met
     if unknown:
         warnings.warn(f"{where}: ignoring unknown config keys {sorted(unknown)} (kept in the manifest)", UnknownConfigKeysWarning, stacklevel=2)
     values = {k: v for k, v in cfg.items() if k in fields and v is not None}
+    if "init_lora_weights" in fields:  # LoRA: only an initialisation that leaves a residual base matters
+        values["init_lora_weights"] = residual_init(cfg.get("init_lora_weights"), where)
     try:
         return config_class.model_validate({**values, "method": method}), unknown
     except Exception as e:  # pydantic.ValidationError, reported by field
@@ -121,6 +166,8 @@ def peft_config_for(config: MethodConfig, *, base_model: str | None, task_type: 
     }
     if config.method in ("lora", "adalora"):
         cfg.update(bias="none", lora_dropout=0.0)
+    if cfg.get("init_lora_weights", True) is None:  # no residual base: peft's default
+        del cfg["init_lora_weights"]
     if "modules_to_save" in cfg and not cfg["modules_to_save"]:
         cfg["modules_to_save"] = None
     return dict(sorted(cfg.items()))
@@ -128,8 +175,15 @@ def peft_config_for(config: MethodConfig, *, base_model: str | None, task_type: 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT keys → paths relative to the transformers model. Prompt-learning models have one wrapper
-    fewer, so their saved heads are keyed `base_model.classifier.weight`."""
-    return {k.removeprefix(KEY_PREFIX) if k.startswith(KEY_PREFIX) else k.removeprefix("base_model."): v for k, v in state.items()}
+    fewer, so their saved heads are keyed `base_model.classifier.weight`; peft 0.2's name of the prompt
+    tensor becomes `prompt_embeddings`."""
+    out = {}
+    for k, v in state.items():
+        k = PROMPT_KEY if k in LEGACY_PROMPT_KEYS else k.removeprefix(KEY_PREFIX) if k.startswith(KEY_PREFIX) else k.removeprefix("base_model.")
+        if k in out:
+            raise ZooError(f"the adapter holds tensor {k!r} twice, under two names", "keep one of them")
+        out[k] = v
+    return out
 
 
 def add_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
