@@ -218,3 +218,26 @@ def test_adalora_exports_as_the_lora_it_computes(tmp_path):
             llama_cpp = fields["adapter.lora.alpha"] / b.shape[1] * b @ a
             peft_delta = merged.get_submodule(f"model.layers.{i}.{module}").weight - copy.deepcopy(base).get_submodule(f"model.layers.{i}.{module}").weight
             torch.testing.assert_close(llama_cpp, peft_delta.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lora_kwargs, rule, status", [
+    ({"target_modules": ["embed_tokens", "q_proj"]}, "embeddings", "refused"),
+    ({"target_modules": ["q_proj"], "init_lora_weights": "olora"}, "residual", "ignored"),
+])
+def test_embedding_and_residual_adapters_are_not_exported_silently(tmp_path, zoo_cli, lora_kwargs, rule, status):
+    """LoRA on embeddings and OLoRA/PiSSA factors (trained on W − s·B₀·A₀) would be dropped or misread: named, refused."""
+    from tiny import random_peft_adapter
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    adapter = random_peft_adapter(base, tmp_path / "a", peft.LoraConfig(r=4, lora_alpha=8, **lora_kwargs), seed=2)
+    zoo.add(adapter, name="a")
+    for runtime in ("vllm", "llama.cpp"):
+        found = {f.rule: f.status for f in zoo.check("a", runtime=runtime, base=tmp_path / "base").findings}
+        assert found[rule] == status
+    code, _, err = zoo_cli("export", "a", "--to", "gguf", "--base", tmp_path / "base", "--out", tmp_path / "a.gguf")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "a.gguf").exists()
+    code, _, err = zoo_cli("export", "a", "--to", "peft", "--out", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()
+    code, _, err = zoo_cli("resize", "a", "--rank", "2", "--name", "r")
+    assert code == 2 and "resize does not handle" in err

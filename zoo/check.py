@@ -131,10 +131,18 @@ def _lora_features(adapter: ResolvedAdapter, runtime: str) -> list[Finding]:
     """modules_to_save, DoRA, LoRA bias: what neither vLLM nor llama.cpp can take."""
     config = adapter.config
     out = []
-    saved = getattr(config, "modules_to_save", None) or []
-    out.append(Finding("modules_to_save", "refused", f"modules_to_save {saved}: {runtime} takes no full module copies",
+    saved = getattr(config, "modules_to_save", None) or [k for k in adapter.state if "lora_" not in k]  # or base weights saved with it
+    out.append(Finding("modules_to_save", "refused", f"modules_to_save {saved[:3]}{' …' if len(saved) > 3 else ''}: {runtime} takes no full module copies",
                        "retrain with those modules frozen (e.g. no new tokens), or serve it with zoo.load / PEFT")
                if saved else Finding("modules_to_save", "ok", "none"))
+    embedding = sorted({k.rsplit(".", 1)[0] for k in adapter.state if ".lora_embedding_" in k})
+    if embedding:
+        out.append(Finding("embeddings", "refused", f"LoRA on embeddings ({embedding[0]}): zoo export writes Linear LoRA factors only",
+                           "serve it with zoo.load / PEFT, or retrain without embedding targets"))
+    init = getattr(config, "init_lora_weights", None)
+    if init:
+        out.append(Finding("residual", "ignored", f"{init}: trained on the residual W − s·B₀·A₀, but {runtime} adds the factors to W itself",
+                           "save it converted to a plain rank-2r LoRA (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))"))
     dora = getattr(config, "use_dora", False)
     out.append(Finding("dora", "refused", f"DoRA (lora_magnitude_vector): {runtime} does not support it",
                        f"merge it into the base (zoo.load(base, '{adapter.name}', merge=True).save_pretrained(out)) and serve that model")

@@ -91,6 +91,9 @@ def resize(
     config = resolved.config
     if config.method not in ("lora", "adalora"):
         raise ZooError(f"{adapter} is a {config.method} adapter; only LoRA factors have a rank to cut", "resize LoRA or AdaLoRA adapters")
+    if getattr(config, "init_lora_weights", None) or any(".lora_embedding_" in k for k in resolved.state):
+        what = f"{config.init_lora_weights} factors (their residual base depends on the rank)" if getattr(config, "init_lora_weights", None) else "LoRA on embeddings"
+        raise ZooError(f"{adapter} has {what}, which resize does not handle", "resize plain Linear LoRA adapters")
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
         raise ZooError(f"{adapter} uses {'DoRA' if config.use_dora else 'lora_bias'}, whose output is not s·B·A alone", "resize plain LoRA adapters")
     report = ResizeReport(ref=name)
