@@ -160,3 +160,27 @@ def _state(name: str) -> dict[str, torch.Tensor]:
     from zoo.loading import resolve
 
     return resolve(name).adapters[0].state
+
+
+def test_extract_from_gpt2_conv1d_loads_in_zoo_and_peft(tmp_path):
+    """GPT-2 stores its projections (in, out): ΔW is transposed, the config says fan_in_fan_out, PEFT agrees."""
+    import copy
+
+    from tiny import peft_model, tiny_gpt2
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    tuned = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith(("c_attn.weight", "c_fc.weight")):
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=gen) @ torch.randn(2, p.shape[1], generator=gen)
+    tuned.save_pretrained(tmp_path / "tuned", max_shard_size="40KB")
+    report = zoo.extract(tmp_path / "base", tmp_path / "tuned", rank=2, name="g")
+    assert len(report.modules) == 4 and zoo.show("g").method.fan_in_fan_out and zoo.show("g").task_type == "CAUSAL_LM"
+    target = logits(tuned)
+    torch.testing.assert_close(logits(zoo.load(tmp_path / "base", "g")), target, atol=1e-5, rtol=0)
+    from zoo.api import adapter_folder
+
+    torch.testing.assert_close(logits(peft_model(base, adapter_folder(zoo.show("g")))), target, atol=1e-5, rtol=0)

@@ -178,9 +178,12 @@ def extract(
                         state[key] = f.get_tensor(key)
     if not ranks:
         raise ZooError("no Linear weight changed, so there is no LoRA to extract", "pass --save-changed to keep the changed modules whole" if changed_other else None)
-    lora = LoraConfig.at_scaling_one(ranks, target_modules=sorted({m.rsplit(".", 1)[-1] for m in ranks}), modules_to_save=report.saved)
-    architecture = (config.get("architectures") or [""])[0]
-    task_type = "CAUSAL_LM" if architecture.endswith("ForCausalLM") else None
+    lora = LoraConfig.at_scaling_one(ranks, target_modules=sorted({m.rsplit(".", 1)[-1] for m in ranks}), modules_to_save=report.saved,
+                                     fan_in_fan_out=any(kinds[m] == "conv1d" for m in ranks))  # GPT-2's Conv1D, as PEFT wants it said
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = (config.get("architectures") or [""])[0]  # a causal LM loads back as one (zoo.load picks the class by task type)
+    task_type = "CAUSAL_LM" if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None
     with tempfile.TemporaryDirectory() as work:
         folder = peft_format.save_adapter(Path(work) / name, lora, state, base_model=str(base), task_type=task_type)
         recipe = {"extract": {"base": str(base), "tuned": str(tuned), "rank": rank, "sv_threshold": sv_threshold, "save_changed": save_changed}}
