@@ -24,6 +24,7 @@ ABOUT = {
     "bench_merge": ("streaming merge of a sharded checkpoint", "peft `merge_and_unload` + `save_pretrained`"),
     "bench_mixed": ("mixed-adapter batches", "peft `adapter_names=`"),
     "bench_overhead": ("unmerged overhead of N stacked LoRAs", "peft with the same adapters active"),
+    "bench_registry": ("the registry (SQLite) at 10 … 100,000 entries", "the same command at 10 entries (target ≤ 1.5×)"),
     "bench_svd": ("weighted `svd` combination", "peft `add_weighted_adapter(svd)`"),
     "bench_weighted": ("weighted `cat` / `ties` / `dare_ties`", "peft `add_weighted_adapter`"),
 }
@@ -64,7 +65,8 @@ def main() -> None:
         notes = json.loads(data.read_text())["notes"] if data.exists() else []
         if (args.results / f"{script}.md").exists():
             lines.append(f"| [{what}](#{script}) | {anchor} | {'<br>'.join(notes) or 'see its section'} |")
-    lines += ["", f"![AdapterDrop speed-up]({plots}/adapterdrop.png)", "", f"![svd time vs width]({plots}/svd_width.png)", ""]
+    lines += ["", f"![AdapterDrop speed-up]({plots}/adapterdrop.png)", "", f"![svd time vs width]({plots}/svd_width.png)", "",
+              f"![registry time vs entries]({plots}/registry_scaling.png)", ""]
     for script, (what, anchor) in ABOUT.items():
         md = args.results / f"{script}.md"
         if md.exists():

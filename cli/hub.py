@@ -8,14 +8,13 @@ start without them. The client takes its token from `HF_TOKEN` or `hf auth login
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 RegistryOpt = Annotated[
-    Optional[Path],
-    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+    Optional[str],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry: a *.db file (SQLite), a *.json file, or postgresql://user@host:port/db (default: $ZOO_HOME/registry.db).", show_envvar=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 

@@ -25,9 +25,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-RegistryOpt = Annotated[
-    Optional[Path],
-    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+RegistryOpt = Annotated[  # a str, not a Path: Path would fold postgresql:// into postgresql:/
+    Optional[str],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry: a *.db file (SQLite), a *.json file, or postgresql://user@host:port/db (default: $ZOO_HOME/registry.db).", show_envvar=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -89,29 +89,48 @@ def _manifest_row(m) -> list[str]:
     ]
 
 
+LIST_ROWS = 50  # a table longer than a screen or two is read with filters, --limit or --json
+
+
 @app.command("list")
 def list_(
     base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model (substring).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Only this method, e.g. lora.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=f"Show at most this many (table default {LIST_ROWS}; 0: all; --json default: all).")] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered adapters (every version)."""
+    """List registered adapters (every version), oldest first."""
     from zoo import api
+    from zoo.errors import ZooError
 
-    found = api.list_adapters(base=base, method=method, task=task, registry=registry)
-    if as_json:
-        return print_json([m.model_dump(mode="json") for m in found])
+    if limit is not None and limit < 0:
+        raise ZooError(f"--limit {limit} is negative", "give a count, or 0 for all")
+    reg = api.open_registry(registry)
+    if as_json:  # streamed as stored, one entry per line: 100,000 entries never sit in memory
+        out, first = sys.stdout, True
+        out.write("[")
+        for line in reg.json_lines(base=base, method=method, task=task, limit=limit or None):
+            out.write(("\n" if first else ",\n") + line.decode())
+            first = False
+        out.write("]\n" if first else "\n]\n")
+        out.flush()
+        return
     from rich.table import Table
 
-    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
+    shown = LIST_ROWS if limit is None else limit or None
+    found = reg.select(base=base, method=method, task=task, limit=shown)
+    total = reg.count(base=base, method=method, task=task) if shown is not None and len(found) == shown else len(found)
+    table = Table(title=f"{total:,} adapter version(s) in {reg.location}")
     table.add_column("name", no_wrap=True)
     for col, justify in [("ver", "right"), ("method", "left"), ("shape / members", "left"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
         table.add_column(col, justify=justify, overflow="fold")
     for m in found:
         table.add_row(*_manifest_row(m))
     console().print(table)
+    if total > len(found):
+        typer.echo(f"… {total - len(found):,} more: filter (--base, --method, --task), or --limit 0 for all, --json for JSON")
 
 
 @app.command()
@@ -146,12 +165,86 @@ def show(
 
 
 @app.command()
-def remove(name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")], registry: RegistryOpt = None) -> None:
-    """Unregister an adapter (its blobs stay in the store while other adapters may share them)."""
+def remove(
+    name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    cascade: Annotated[bool, typer.Option("--cascade", help="Also remove the compositions that use it (refused otherwise).")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Unregister an adapter (its blobs stay in the store until `zoo gc`)."""
     from zoo import api
 
-    for m in api.remove(name, registry=registry):
+    for m in api.remove(name, cascade=cascade, registry=registry):
         typer.echo(f"removed {m.ref}")
+
+
+@app.command()
+def gc(
+    yes: Annotated[bool, typer.Option("--yes", help="Delete them (default: only list them, a dry run).")] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free the store's blobs no registry entry names (left by `zoo remove`); a dry run unless --yes."""
+    from zoo import api
+    from zoo.units import human_bytes
+
+    garbage = api.gc(delete=yes, registry=registry)
+    if as_json:
+        return print_json([g.__dict__ for g in garbage])
+    for g in garbage:
+        typer.echo(f"{'deleted' if g.deleted else 'unused'} {g.sha256} {human_bytes(g.size)}")
+    total = human_bytes(sum(g.size for g in garbage))
+    if yes:
+        typer.echo(f"freed {total} ({len(garbage)} blob(s))")
+    else:
+        typer.echo(f"{len(garbage)} unused blob(s), {total}" + ("; `zoo gc --yes` deletes them" if garbage else ""))
+
+
+@app.command("export")
+def export(
+    name: Annotated[Optional[str], typer.Argument(help="One adapter (NAME[@VERSION] or a folder) to export for a runtime. Without it: the whole registry.")] = None,
+    to: Annotated[Optional[str], typer.Option(help="With NAME: gguf (llama.cpp --lora) | peft (a folder for vLLM / LoRAX; the default).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Without NAME: the registry.json to write (default: stdout). With NAME: the .gguf file or a new folder.")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="--to gguf: the base's config.json or folder (only the config is read).")] = None,
+    outtype: Annotated[Optional[str], typer.Option(help="--to gguf: f32 (default) | f16 | bf16 | q8_0.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="--to peft: resize every module to this rank first.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the registry as a registry.json file (the interchange format), e.g. to move it to a team database;
+    or, with NAME, one adapter in the form a runtime takes: a GGUF LoRA for llama.cpp, or a clean PEFT folder for vLLM."""
+    from zoo.errors import ZooError
+
+    if name is not None:
+        return _export_adapter(name, to or "peft", out, base, outtype or "f32", rank, registry, as_json)
+    given = [opt for opt, value in (("--to", to), ("--base", base), ("--outtype", outtype), ("--rank", rank)) if value is not None]
+    if given:
+        raise ZooError(f"{given[0]} applies to exporting one adapter", "give its NAME, e.g. zoo export my-lora --to gguf --base BASE --out my-lora.gguf")
+    from zoo.interchange import export_registry
+
+    count = export_registry(out, registry=registry)
+    if out is not None:
+        typer.echo(f"exported {count:,} entries to {out}", err=True)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A registry.json file (from `zoo export`, or the repo's catalogue).")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every entry of a registry.json file, names and versions kept; blobs come from the store or from each
+    entry's recorded source, hash-checked. Conflicting entries are reported (exit code 1) and skipped."""
+    from zoo.interchange import import_registry
+
+    report = import_registry(path, registry=registry, progress=_interactive(as_json))
+    if as_json:
+        print_json(report.__dict__)
+    else:
+        for ref, why in report.conflicts:
+            typer.echo(f"conflict {ref}: {why}")
+        typer.echo(f"imported {report.added:,} entries from {path}; {report.unchanged:,} already there; {len(report.conflicts):,} conflict(s)")
+    if report.conflicts:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -179,7 +272,7 @@ def verify(
         raise typer.Exit(1)
 
 
-def _repair(name: str | None, registry: Path | None, as_json: bool) -> None:
+def _repair(name: str | None, registry: str | None, as_json: bool) -> None:
     from zoo.errors import ZooError
     from zoo.repair import repair
 
@@ -413,25 +506,13 @@ def check_(
         raise typer.Exit(1)
 
 
-@app.command("export")
-def export_(
-    name: Annotated[Optional[str], typer.Argument(help="A registered NAME[@VERSION] or an adapter folder.")] = None,
-    to: Annotated[str, typer.Option(help="gguf (llama.cpp --lora) | peft (a folder for vLLM / LoRAX).")] = "peft",
-    out: Annotated[Optional[Path], typer.Option(help="gguf: the file to write; peft: a new folder.")] = None,
-    base: Annotated[Optional[Path], typer.Option(help="gguf: the base's config.json or folder (only the config is read).")] = None,
-    outtype: Annotated[str, typer.Option(help="gguf: f32 | f16 | bf16 | q8_0.")] = "f32",
-    rank: Annotated[Optional[int], typer.Option(help="peft: resize every module to this rank first.")] = None,
-    registry: RegistryOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write an adapter in the form a runtime takes: a GGUF LoRA for llama.cpp, or a clean PEFT folder for vLLM."""
+def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, outtype: str, rank: int | None, registry: Path | None, as_json: bool) -> None:
+    """`zoo export NAME`: the adapter as a GGUF file or a PEFT folder (zoo.export)."""
     from zoo.errors import ZooError
     from zoo.units import human_bytes
 
-    if name is None:
-        raise ZooError("zoo export needs NAME, the adapter to export", "e.g. zoo export my-lora --to gguf --base BASE --out my-lora.gguf")
     if out is None:
-        raise ZooError("zoo export needs --out", "a .gguf file for --to gguf, a new folder for --to peft")
+        raise ZooError("zoo export NAME needs --out", "a .gguf file for --to gguf, a new folder for --to peft")
     if to == "gguf":
         from zoo.export import export_gguf
 

@@ -293,6 +293,7 @@ def registered(sandbox, monkeypatch, zoo_cli):
     from huggingface_hub import constants
 
     monkeypatch.chdir(sandbox)
+    monkeypatch.setenv("ZOO_REGISTRY", str(Path(os.environ["ZOO_HOME"]) / "registry.json"))  # reset() restores the file's bytes
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import, maybe before conftest set it: no Hub here
     # typer rebuilds the click command (52 ms) on every call; a process runs one, the fuzzer thousands
     monkeypatch.setattr(typer.main, "get_command", functools.cache(typer.main.get_command))
