@@ -3,8 +3,8 @@
     python benchmarks/plots.py [--results benchmarks/results] [--out benchmarks/plots]
 
 Writes `adapterdrop.png` (from drop.json: speed-up over K = 0 vs K, per batch size, with the ideal
-count of layer-batches and the paper's point) and `svd_width.png` (from svd.json: time vs width, ours
-and PEFT, log scale). A missing JSON skips its plot.
+count of layer-batches and the paper's point), `svd_width.png` (from svd.json: time vs width, ours
+and PEFT, log scale) and `registry_scaling.png` (from registry.json: each registry command's time vs entries). A missing JSON skips its plot.
 """
 
 from __future__ import annotations
@@ -61,6 +61,30 @@ def svd_width(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
+def registry_scaling(data: dict, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ns = [r["n"] for r in rows]
+    for ax, suffix, title in ((axes[0], "cli", "`zoo …` subprocess, CPU time (Python start-up included)"), (axes[1], "api", "in-process (Python API), wall time")):
+        for key, label in (("show", "show"), ("add", "add"), ("remove", "remove"), ("filtered", "list --task (10 rows)"), ("base", "list --base (10 rows)"), ("json", "list --json (all)")):
+            ax.plot(ns, [r[f"{key}_{suffix}"] for r in rows], "o-", label=label)
+        if suffix == "cli":
+            ax.plot(ns, [r["import_s"] for r in rows], "k--", label="import (all)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("entries in the registry")
+        ax.set_ylabel("seconds (best of 3 / 10)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("adapter-zoo registry (SQLite) vs size")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,7 +95,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, plot, png in (("drop", adapterdrop, "adapterdrop.png"), ("svd", svd_width, "svd_width.png")):
+    for name, plot, png in (("drop", adapterdrop, "adapterdrop.png"), ("svd", svd_width, "svd_width.png"), ("registry", registry_scaling, "registry_scaling.png")):
         source = args.results / f"{name}.json"
         if source.exists():
             plot(json.loads(source.read_text()), args.out / png)

@@ -18,11 +18,13 @@ HERE = Path(__file__).resolve().parent
 #: What each script compares, and against which anchor (the ratio columns divide by it).
 ABOUT = {
     "bench_drop": ("AdapterDrop multi-task inference (8 tasks, shared first K layers)", "ours at K = 0 (every layer per task)"),
+    "bench_extract": ("`zoo extract` / `zoo resize` vs dense SVDs", "a dense `torch.linalg.svd` per module (mergekit's extract-lora)"),
     "bench_fusion": ("AdapterFusion overhead", "the same adapters stacked (PEFT has no fusion)"),
     "bench_inspect": ("`zoo inspect` (header only) vs a full load", "a full load of the file"),
     "bench_merge": ("streaming merge of a sharded checkpoint", "peft `merge_and_unload` + `save_pretrained`"),
     "bench_mixed": ("mixed-adapter batches", "peft `adapter_names=`"),
     "bench_overhead": ("unmerged overhead of N stacked LoRAs", "peft with the same adapters active"),
+    "bench_registry": ("the registry (SQLite) at 10 … 100,000 entries", "the same command at 10 entries (target ≤ 1.5×)"),
     "bench_svd": ("weighted `svd` combination", "peft `add_weighted_adapter(svd)`"),
     "bench_weighted": ("weighted `cat` / `ties` / `dare_ties`", "peft `add_weighted_adapter`"),
 }
@@ -63,7 +65,8 @@ def main() -> None:
         notes = json.loads(data.read_text())["notes"] if data.exists() else []
         if (args.results / f"{script}.md").exists():
             lines.append(f"| [{what}](#{script}) | {anchor} | {'<br>'.join(notes) or 'see its section'} |")
-    lines += ["", f"![AdapterDrop speed-up]({plots}/adapterdrop.png)", "", f"![svd time vs width]({plots}/svd_width.png)", ""]
+    lines += ["", f"![AdapterDrop speed-up]({plots}/adapterdrop.png)", "", f"![svd time vs width]({plots}/svd_width.png)", "",
+              f"![registry time vs entries]({plots}/registry_scaling.png)", ""]
     for script, (what, anchor) in ABOUT.items():
         md = args.results / f"{script}.md"
         if md.exists():

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 RegistryOpt = Annotated[
-    Optional[Path],
-    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+    Optional[str],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry: a *.db file (SQLite), a *.json file, or postgresql://user@host:port/db (default: $ZOO_HOME/registry.db).", show_envvar=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 

@@ -25,9 +25,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-RegistryOpt = Annotated[
-    Optional[Path],
-    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry file (default: $ZOO_HOME/registry.json).", show_envvar=True),
+RegistryOpt = Annotated[  # a str, not a Path: Path would fold postgresql:// into postgresql:/
+    Optional[str],
+    typer.Option("--registry", envvar="ZOO_REGISTRY", help="Registry: a *.db file (SQLite), a *.json file, or postgresql://user@host:port/db (default: $ZOO_HOME/registry.db).", show_envvar=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -89,29 +89,48 @@ def _manifest_row(m) -> list[str]:
     ]
 
 
+LIST_ROWS = 50  # a table longer than a screen or two is read with filters, --limit or --json
+
+
 @app.command("list")
 def list_(
     base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model (substring).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Only this method, e.g. lora.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Only this task.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help=f"Show at most this many (table default {LIST_ROWS}; 0: all; --json default: all).")] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered adapters (every version)."""
+    """List registered adapters (every version), oldest first."""
     from zoo import api
+    from zoo.errors import ZooError
 
-    found = api.list_adapters(base=base, method=method, task=task, registry=registry)
-    if as_json:
-        return print_json([m.model_dump(mode="json") for m in found])
+    if limit is not None and limit < 0:
+        raise ZooError(f"--limit {limit} is negative", "give a count, or 0 for all")
+    reg = api.open_registry(registry)
+    if as_json:  # streamed as stored, one entry per line: 100,000 entries never sit in memory
+        out, first = sys.stdout, True
+        out.write("[")
+        for line in reg.json_lines(base=base, method=method, task=task, limit=limit or None):
+            out.write(("\n" if first else ",\n") + line.decode())
+            first = False
+        out.write("]\n" if first else "\n]\n")
+        out.flush()
+        return
     from rich.table import Table
 
-    table = Table(title=f"{len(found)} adapter version(s) in {api.open_registry(registry).path}")
+    shown = LIST_ROWS if limit is None else limit or None
+    found = reg.select(base=base, method=method, task=task, limit=shown)
+    total = reg.count(base=base, method=method, task=task) if shown is not None and len(found) == shown else len(found)
+    table = Table(title=f"{total:,} adapter version(s) in {reg.location}")
     table.add_column("name", no_wrap=True)
     for col, justify in [("ver", "right"), ("method", "left"), ("shape / members", "left"), ("base", "left"), ("task", "left"), ("params", "right"), ("size", "right")]:
         table.add_column(col, justify=justify, overflow="fold")
     for m in found:
         table.add_row(*_manifest_row(m))
     console().print(table)
+    if total > len(found):
+        typer.echo(f"… {total - len(found):,} more: filter (--base, --method, --task), or --limit 0 for all, --json for JSON")
 
 
 @app.command()
@@ -146,12 +165,86 @@ def show(
 
 
 @app.command()
-def remove(name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")], registry: RegistryOpt = None) -> None:
-    """Unregister an adapter (its blobs stay in the store while other adapters may share them)."""
+def remove(
+    name: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    cascade: Annotated[bool, typer.Option("--cascade", help="Also remove the compositions that use it (refused otherwise).")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Unregister an adapter (its blobs stay in the store until `zoo gc`)."""
     from zoo import api
 
-    for m in api.remove(name, registry=registry):
+    for m in api.remove(name, cascade=cascade, registry=registry):
         typer.echo(f"removed {m.ref}")
+
+
+@app.command()
+def gc(
+    yes: Annotated[bool, typer.Option("--yes", help="Delete them (default: only list them, a dry run).")] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free the store's blobs no registry entry names (left by `zoo remove`); a dry run unless --yes."""
+    from zoo import api
+    from zoo.units import human_bytes
+
+    garbage = api.gc(delete=yes, registry=registry)
+    if as_json:
+        return print_json([g.__dict__ for g in garbage])
+    for g in garbage:
+        typer.echo(f"{'deleted' if g.deleted else 'unused'} {g.sha256} {human_bytes(g.size)}")
+    total = human_bytes(sum(g.size for g in garbage))
+    if yes:
+        typer.echo(f"freed {total} ({len(garbage)} blob(s))")
+    else:
+        typer.echo(f"{len(garbage)} unused blob(s), {total}" + ("; `zoo gc --yes` deletes them" if garbage else ""))
+
+
+@app.command("export")
+def export(
+    name: Annotated[Optional[str], typer.Argument(help="One adapter (NAME[@VERSION] or a folder) to export for a runtime. Without it: the whole registry.")] = None,
+    to: Annotated[Optional[str], typer.Option(help="With NAME: gguf (llama.cpp --lora) | peft (a folder for vLLM / LoRAX; the default).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Without NAME: the registry.json to write (default: stdout). With NAME: the .gguf file or a new folder.")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="--to gguf: the base's config.json or folder (only the config is read).")] = None,
+    outtype: Annotated[Optional[str], typer.Option(help="--to gguf: f32 (default) | f16 | bf16 | q8_0.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="--to peft: resize every module to this rank first.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the registry as a registry.json file (the interchange format), e.g. to move it to a team database;
+    or, with NAME, one adapter in the form a runtime takes: a GGUF LoRA for llama.cpp, or a clean PEFT folder for vLLM."""
+    from zoo.errors import ZooError
+
+    if name is not None:
+        return _export_adapter(name, to or "peft", out, base, outtype or "f32", rank, registry, as_json)
+    given = [opt for opt, value in (("--to", to), ("--base", base), ("--outtype", outtype), ("--rank", rank)) if value is not None]
+    if given:
+        raise ZooError(f"{given[0]} applies to exporting one adapter", "give its NAME, e.g. zoo export my-lora --to gguf --base BASE --out my-lora.gguf")
+    from zoo.interchange import export_registry
+
+    count = export_registry(out, registry=registry)
+    if out is not None:
+        typer.echo(f"exported {count:,} entries to {out}", err=True)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A registry.json file (from `zoo export`, or the repo's catalogue).")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register every entry of a registry.json file, names and versions kept; blobs come from the store or from each
+    entry's recorded source, hash-checked. Conflicting entries are reported (exit code 1) and skipped."""
+    from zoo.interchange import import_registry
+
+    report = import_registry(path, registry=registry, progress=_interactive(as_json))
+    if as_json:
+        print_json(report.__dict__)
+    else:
+        for ref, why in report.conflicts:
+            typer.echo(f"conflict {ref}: {why}")
+        typer.echo(f"imported {report.added:,} entries from {path}; {report.unchanged:,} already there; {len(report.conflicts):,} conflict(s)")
+    if report.conflicts:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -179,7 +272,7 @@ def verify(
         raise typer.Exit(1)
 
 
-def _repair(name: str | None, registry: Path | None, as_json: bool) -> None:
+def _repair(name: str | None, registry: str | None, as_json: bool) -> None:
     from zoo.errors import ZooError
     from zoo.repair import repair
 
@@ -388,6 +481,142 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 from cli.hub import register_hub_commands; register_hub_commands(app)  # noqa: E402,E702  (pull, push, search)
+
+
+# ---- serving: check, export, extract, resize ------------------------------------------------------------
+
+
+@app.command("check")
+def check_(
+    name: Annotated[str, typer.Argument(help="A registered NAME[@VERSION] or an adapter folder.")],
+    runtime: Annotated[str, typer.Option("--for", help="vllm | llama.cpp | peft.")],
+    base: Annotated[Optional[Path], typer.Option(help="The base's config.json or folder: which modules exist (required for llama.cpp).")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a runtime would refuse or silently ignore in an adapter, rule by rule, with the fix.
+    Exit code 0 when ready, 1 when a rule is refused or ignored, 2 for bad input."""
+    from zoo.check import check, render_check
+
+    report = check(name, runtime=runtime, base=base, registry=registry)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_check(report, console())
+    if not report.ready:
+        raise typer.Exit(1)
+
+
+def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, outtype: str, rank: int | None, registry: Path | None, as_json: bool) -> None:
+    """`zoo export NAME`: the adapter as a GGUF file or a PEFT folder (zoo.export)."""
+    from zoo.errors import ZooError
+    from zoo.units import human_bytes
+
+    if out is None:
+        raise ZooError("zoo export NAME needs --out", "a .gguf file for --to gguf, a new folder for --to peft")
+    if to == "gguf":
+        from zoo.export import export_gguf
+
+        if base is None:
+            raise ZooError("--to gguf needs --base", "the base's config.json or folder: GGUF tensor names depend on its architecture")
+        if rank is not None:
+            raise ZooError("--rank applies to --to peft", "resize first: zoo resize NAME --rank R --name NEW, then export NEW")
+        report = export_gguf(name, base=base, out=out, outtype=outtype, registry=registry)
+    elif to == "peft":
+        from zoo.export import export_peft
+
+        report = export_peft(name, out=out, rank=rank, registry=registry)
+    else:
+        raise ZooError(f"unknown --to {to!r}", "use gguf or peft")
+    if as_json:
+        import dataclasses
+
+        return print_json(dataclasses.asdict(report))
+    typer.echo(f"exported {name} → {report.out} ({report.to}): {report.modules} modules, rank {report.rank}, {human_bytes(report.bytes)}")
+    for note in report.notes:
+        typer.echo(f"  {note}")
+
+
+@app.command()
+def extract(
+    base: Annotated[Path, typer.Option(help="The base model's folder (safetensors + config.json).")],
+    tuned: Annotated[Path, typer.Option(help="The fine-tuned model's folder.")],
+    name: Annotated[str, typer.Option(help="Registry name of the extracted adapter.")],
+    rank: Annotated[Optional[int], typer.Option(help="Keep the top R singular components of every ΔW.")] = None,
+    sv_threshold: Annotated[Optional[float], typer.Option(help="Instead keep σᵢ > E·σ₁ per module (the rank varies).")] = None,
+    save_changed: Annotated[bool, typer.Option(help="Keep changed embeddings / norms whole (modules_to_save).")] = False,
+    task: Annotated[Optional[str], typer.Option(help="Task label of the new entry.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A LoRA from a fully fine-tuned model: per Linear module a truncated SVD of W_tuned − W_base, streamed shard by shard."""
+    from zoo.extract import extract as extract_lora
+    from zoo.units import human_bytes
+
+    with _progress("extracting", as_json) as on_tensor:
+        report = extract_lora(base, tuned, name=name, rank=rank, sv_threshold=sv_threshold, save_changed=save_changed, task=task,
+                              progress=on_tensor, registry=registry)
+    if as_json:
+        return print_json(report.to_json())
+    from rich.table import Table
+
+    table = Table(title=f"extracted {report.ref}: {len(report.modules)} modules from {report.tensors} tensors in {report.shards} shard(s)")
+    for col in ("module", "rank", "‖ΔW‖", "captured", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for m in report.modules:
+        table.add_row(m.module, str(m.rank), f"{m.norm:.3g}", f"{m.captured:.2%}", f"{m.error / m.norm if m.norm else 0:.1e}")
+    c = console()
+    c.print(table)
+    if report.saved:
+        c.print(f"kept whole (modules_to_save): {', '.join(report.saved)}")
+    if report.not_captured:
+        c.print(f"changed but not captured ({len(report.not_captured)}): {', '.join(report.not_captured[:4])}{' …' if len(report.not_captured) > 4 else ''} — --save-changed keeps them")
+    c.print(f"{report.unchanged} tensors unchanged; {report.seconds:.1f} s, peak memory {human_bytes(report.peak_rss_bytes)}")
+
+
+@app.command()
+def resize(
+    name: Annotated[str, typer.Argument(help="A registered LoRA NAME[@VERSION] or an adapter folder.")],
+    new_name: Annotated[str, typer.Option("--name", help="Registry name of the resized adapter.")],
+    rank: Annotated[Optional[int], typer.Option(help="The new rank of every module.")] = None,
+    sv_ratio: Annotated[Optional[float], typer.Option(help="Per module keep σᵢ ≥ σ₁ / X.")] = None,
+    sv_fro: Annotated[Optional[float], typer.Option(help="Per module keep the fewest components holding this share of ‖ΔW‖_F.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A LoRA at a lower rank (best approximation per module, via the low-rank SVD of B·A), with its error."""
+    from zoo.resize import resize as resize_lora
+
+    report = resize_lora(name, name=new_name, rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, registry=registry)
+    if as_json:
+        return print_json(report.to_json())
+    from rich.table import Table
+
+    table = Table(title=f"resized {name} → {report.ref}: {report.params_before:,} → {report.params_after:,} params")
+    for col in ("module", "rank", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for m in report.modules:
+        table.add_row(m.module, f"{m.old_rank} → {m.rank}", f"{m.relative_error:.1e}")
+    console().print(table)
+
+
+def _progress(label: str, as_json: bool):
+    """A context giving an `on(name, done, total)` callback that drives a progress bar on a terminal (else a no-op)."""
+    import contextlib
+
+    if not _interactive(as_json):
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                      console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("", total=None)
+            yield lambda name, done, total: progress.update(task, completed=done, total=total, description=name)
+
+    return bar()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,9 +15,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(autouse=True)
 def isolated_zoo(tmp_path, monkeypatch):
-    """A fresh ZOO_HOME / registry per test; the Hub client is offline unless a test starts a server."""
+    """A fresh ZOO_HOME (its SQLite registry, its store) per test; the Hub client is offline unless a test starts a server."""
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "zoo-home"))
-    monkeypatch.setenv("ZOO_REGISTRY", str(tmp_path / "zoo-home" / "registry.json"))
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    monkeypatch.delenv("ZOO_STORE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -55,3 +56,34 @@ def server(tmp_path, monkeypatch):
         hub_server.configure_client(monkeypatch, tmp_path / "hf-home")
         yield hub_server
     assert hub_server.errors == [], hub_server.errors[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server's URL: `$ZOO_TEST_POSTGRES` (CI starts one, see .ci/run), else a throwaway server
+    started here from Debian's binaries (tests/pg.py) and stopped at the end. Never skipped."""
+    if url := os.environ.get("ZOO_TEST_POSTGRES"):
+        yield url
+        return
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests import pg
+
+    root = Path(tempfile.mkdtemp(prefix="zoo-postgres-"))  # not under pytest's basetemp: 0700, and pruned by other runs
+    try:
+        yield pg.start(root / "server")
+    finally:
+        pg.stop(root / "server")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh, empty database on the test server for this test."""
+    import re
+
+    from tests import pg
+
+    return pg.fresh_database(postgres_server, "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50])

@@ -297,6 +297,7 @@ def registered(sandbox, monkeypatch, zoo_cli):
     from huggingface_hub import constants
 
     monkeypatch.chdir(sandbox)
+    monkeypatch.setenv("ZOO_REGISTRY", str(Path(os.environ["ZOO_HOME"]) / "registry.json"))  # reset() restores the file's bytes
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import, maybe before conftest set it: no Hub here
     # typer rebuilds the click command (52 ms) on every call; a process runs one, the fuzzer thousands
     monkeypatch.setattr(typer.main, "get_command", functools.cache(typer.main.get_command))
@@ -352,7 +353,8 @@ def test_fuzz_composition_specs(registered, zoo_cli, spec, fusion, weights, meth
     registered()
 
 
-COMMANDS = ["list", "show", "remove", "verify", "inspect", "estimate", "add", "schema", "compose", "merge", "run", "pull", "push", "search"] * 3 + ["bogus", ""]
+COMMANDS = ["list", "show", "remove", "verify", "inspect", "estimate", "add", "schema", "compose", "merge", "run", "pull", "push", "search",
+            "check", "export", "extract", "resize"] * 3 + ["bogus", ""]
 NAMES = st.sampled_from(REFS + ["src/a/adapter_model.safetensors", "./src/c", "src/a/", "src"])
 OPTION_VALUES = {  # each option with plausible values for it, so most cases reach the command's own code
     "--name": NAMES, "--task": text, "--tag": text, "--registry": st.sampled_from(["registry.json", "a", "new.json", ".."]),
@@ -361,6 +363,9 @@ OPTION_VALUES = {  # each option with plausible values for it, so most cases rea
     "--fusion": st.sampled_from(["stack", "weighted", "attention"]), "--weights": weights.map(str), "--out": st.sampled_from(["out", "src/a", "."]),
     "--quantize": st.sampled_from(["nf4", "fp4", "int8", "int3"]), "--limit": st.integers(-1, 3).map(str), "-p": text, "--prompt": text,
     "--drop": st.integers(-1, 3).map(str), "--density": st.floats(-0.5, 1.5).map(str), "--epochs": st.integers(-1, 2).map(str),
+    "--for": st.sampled_from(["vllm", "llama.cpp", "peft", "tgi"]), "--to": st.sampled_from(["gguf", "peft", "onnx"]),
+    "--outtype": st.sampled_from(["f32", "f16", "bf16", "q8_0", "q4_0"]), "--tuned": st.sampled_from(["src/a", "src", "nowhere"]),
+    "--sv-threshold": st.floats(-0.5, 1.5).map(str), "--sv-ratio": st.floats(-1, 20).map(str), "--sv-fro": st.floats(-0.5, 1.5).map(str),
 }
 FLAGS = ["--json", "--repair", "--allow-pickle", "--trust-remote-code", "--help", "--bogus"]
 

@@ -243,7 +243,7 @@ def test_push_then_pull_round_trip_through_the_cli(server, adapters, isolated_zo
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "ZOO_"))}
 
     def cli(home: Path, *args: str) -> tuple[dict | list | None, str]:
-        env = {**clean, **server.client_env(tmp_path / "hf-cli"), "ZOO_HOME": str(home), "ZOO_REGISTRY": str(home / "registry.json")}
+        env = {**clean, **server.client_env(tmp_path / "hf-cli"), "ZOO_HOME": str(home)}
         run = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert PLANTED_TOKEN not in run.stdout + run.stderr

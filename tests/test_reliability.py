@@ -23,7 +23,6 @@ import pytest
 
 import zoo
 from tests.handmade import PREFIX, safetensors_bytes, write_adapter
-from zoo.registry import Registry
 from zoo.store import sha256_file
 
 FORK = multiprocessing.get_context("fork")
@@ -67,7 +66,6 @@ def memory_home(monkeypatch):
     shm = Path("/dev/shm")
     root = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None, prefix="zoo-reliability-"))
     monkeypatch.setenv("ZOO_HOME", str(root / "home"))
-    monkeypatch.setenv("ZOO_REGISTRY", str(root / "home" / "registry.json"))
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -137,11 +135,11 @@ def check_after_kill(reports: list[str], home: Path) -> dict[str, int]:
             op, name = line.split()
             committed.add(name) if op == "+" else committed.discard(name)
             in_flight = None
-    names = {m.name for m in Registry(home / "registry.json").read()}
+    names = {m.name for m in zoo.api.open_registry(str(home / "registry.db")).read()}
     maybe_added = {in_flight[2:]} if in_flight and in_flight[0] == "+" else set()
     maybe_removed = {in_flight[2:]} if in_flight and in_flight[0] == "-" else set()
     assert committed - maybe_removed <= names <= committed | maybe_added, (sorted(committed), sorted(names), in_flight)
-    return {"committed": len(committed), "registry_temp_left": len(list(home.glob(".registry.json.*"))),
+    return {"committed": len(committed), "registry_temp_left": len(list(home.glob(".registry.*"))),
             "blob_temp_left": len(incoming(home))}
 
 
@@ -152,12 +150,11 @@ def test_sigkill_at_random_moments_never_loses_a_committed_entry(tmp_path, monke
     for trial in range(100):
         home = tmp_path / f"t{trial}" / "home"
         monkeypatch.setenv("ZOO_HOME", str(home))  # forked children inherit it
-        monkeypatch.setenv("ZOO_REGISTRY", str(home / "registry.json"))
         read_end, write_end = os.pipe()
         child = FORK.Process(target=in_child, args=(_writer, home, write_end, trial))
         child.start()
         os.close(write_end)
-        time.sleep(rng.uniform(0.0, 0.12))
+        time.sleep(rng.uniform(0.0, 0.25))  # a writer's first add also creates its registry database (~0.1 s)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL, f"trial {trial}: the writer failed before the kill"
@@ -199,7 +196,6 @@ def test_sigkill_at_every_fsync_and_rename_of_the_first_writes(call, tmp_path, m
     for n in range(1, 17):
         home = tmp_path / f"{call}{n}" / "home"
         monkeypatch.setenv("ZOO_HOME", str(home))
-        monkeypatch.setenv("ZOO_REGISTRY", str(home / "registry.json"))
         read_end, write_end = os.pipe()
         child = FORK.Process(target=in_child, args=(_crash_at, call, n, home, write_end))
         child.start()

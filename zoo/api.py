@@ -4,7 +4,8 @@
     >>> zoo.add("runs/my-lora", name="my-lora", task="sentiment")      # doctest: +SKIP
     >>> [m.ref for m in zoo.list_adapters(task="sentiment")]           # doctest: +SKIP
 
-Every function takes `registry=` (a path; default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
+Every function takes `registry=` (a path or URL; default `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`):
+`postgresql://user@host:port/db` is a team's PostgreSQL registry, `*.json` a registry file, anything else SQLite.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from compose.errors import CompositionError
 from zoo.errors import ZooError
 from zoo.formats.folder import folder_files, read_adapter_folder
 from zoo.formats.tensor_values import check_tensor_values
+from zoo.gc import Garbage
 from zoo.interrupts import deferred as _deferred_signals
 from zoo.manifest import AdapterManifest, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name, validation_message
-from zoo.paths import registry_path, zoo_home
-from zoo.refs import is_ref, split_ref
-from zoo.registry import Registry
+from zoo.paths import registry_location, store_root
+from zoo.refs import is_ref
+from zoo.registry import RegistryBackend
 from zoo.safety import copy_inside
 from zoo.store import Store, no_space
 
@@ -36,12 +38,16 @@ PathLike = str | os.PathLike
 M = TypeVar("M")
 
 
-def open_registry(registry: PathLike | None = None) -> Registry:
-    return Registry(registry_path(registry))
+def open_registry(registry: PathLike | None = None) -> RegistryBackend:
+    """The registry at `registry` (a path or URL), else `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`."""
+    from zoo.registry import open_registry as open_location
+
+    return open_location(registry_location(registry))
 
 
 def open_store() -> Store:
-    return Store(zoo_home())
+    """The blob store: `$ZOO_STORE` (shared by a team), else `$ZOO_HOME`."""
+    return Store(store_root())
 
 
 def split_adapters(adapters: PathLike | Iterable[PathLike]) -> list[str]:
@@ -167,15 +173,23 @@ def register_folder(
     reg = open_registry(registry)
     if reg.versions(name) and not new_version_of_same_source:
         raise ZooError(f"an adapter named {name!r} already exists", "pick another --name, or `zoo remove` it first")
+    from zoo.gc import adding
+
+    store = open_store()
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config, adapter.raw_config)
         check_tensor_values(adapter.weights)
-        store = open_store()
-        files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
+        with adding(store):  # from the first blob to the commit: a concurrent `zoo gc` keeps these blobs
+            files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
+            return register(_adapter_manifest(adapter, name, source, size, files, task, tags, license), new_version_of_same_source=new_version_of_same_source, registry=registry)
+
+
+def _adapter_manifest(adapter, name, source, size, files, task, tags, license) -> AdapterManifest:
+    """The manifest of an adapter folder read by `read_adapter_folder`, its files stored."""
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
-    manifest = build_manifest(
+    return build_manifest(
         AdapterManifest,
         name=name,
         method=adapter.config,
@@ -190,7 +204,6 @@ def register_folder(
         license=license,
         extra_config=adapter.unknown_keys,
     )
-    return register(manifest, new_version_of_same_source=new_version_of_same_source, registry=registry)
 
 
 def build_manifest(kind: type[M], what: str = "adapter", **fields: Any) -> M:
@@ -214,40 +227,36 @@ def _base_config(base: PathLike | None) -> dict | None:
 def register(manifest: Manifest, *, new_version_of_same_source: bool = False, registry: PathLike | None = None) -> Manifest:
     """Add a manifest whose files are already in the store; refuses a name that exists, unless
     `new_version_of_same_source` and every version of that name came from the same Hub repo or local
-    folder: then it becomes the next version (decided under the registry lock)."""
-    store, linking = open_store(), False
+    folder: then it becomes the next version (decided in the registry's transaction).
+
+    A composition's members must be registered with the weights it pinned. Blobs, then the folder of links,
+    then the registry row, which commits last: the row never names a folder or a blob that is not there, and
+    a failure before the commit leaves no entry (the folder is taken back)."""
+    from zoo.gc import adding
+
+    store, linked = open_store(), []
+
+    def link(m: Manifest) -> None:
+        linked.append(m)
+        store.adapter_dir(m)
+
     try:
-        with _deferred_signals(), open_registry(registry).transaction() as adapters:
-            same = [m for m in adapters if m.name == manifest.name]
-            if same and not (new_version_of_same_source and all(_same_origin(m.source, manifest.source) for m in same)):
-                other = " from another source" if new_version_of_same_source else ""
-                raise ZooError(f"an adapter named {manifest.name!r} already exists{other}", "pick another --name, or `zoo remove` it first")
-            if same:
-                manifest = manifest.model_copy(update={"version": max(m.version for m in same) + 1})
-            # blobs, then the folder of links, then the row: the row is the commit, and never names a folder
-            # or a blob that is not there; a failure before it leaves no entry (the folder is taken back)
-            linking = True
-            store.adapter_dir(manifest)
-            adapters.append(manifest)
+        with adding(store), _deferred_signals():
+            return open_registry(registry).add(manifest, new_version_of_same_source=new_version_of_same_source, before_commit=link)
     except BaseException as e:
-        if linking:
-            store.drop_adapter_dir(manifest)
+        for m in linked:
+            store.drop_adapter_dir(m)
         if isinstance(e, OSError) and (full := no_space(e, store.root)) is not e:
             raise full from None
         raise
-    return manifest
 
 
-def _same_origin(a: Source, b: Source) -> bool:
-    """Versions of one thing: the same Hub repo or the same local folder (never two compositions)."""
-    return a.kind != "composition" and (a.kind, a.repo_id, a.path) == (b.kind, b.repo_id, b.path)
-
-
-def _source_path(folder: Path, reg: Registry) -> str:
-    """The folder as recorded: relative to the registry file when it lies beside it (a shipped index
+def _source_path(folder: Path, reg: RegistryBackend) -> str:
+    """The folder as recorded: relative to the registry's folder when it lies beside it (a shipped index
     such as the repo's registry.json stays valid wherever the repo is cloned), else absolute."""
-    folder, home = folder.resolve(), reg.path.parent.resolve()
-    return str(folder.relative_to(home)) if folder.is_relative_to(home) else str(folder)
+    folder = folder.resolve()
+    home = reg.folder.resolve() if reg.folder is not None else None
+    return str(folder.relative_to(home)) if home is not None and folder.is_relative_to(home) else str(folder)
 
 
 def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> Path:
@@ -258,8 +267,7 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
     store = open_store()
     missing = [f for f in manifest.files if not store.present(f)]
     if missing and manifest.source.kind == "local" and manifest.source.path:
-        source = Path(manifest.source.path)
-        source = source if source.is_absolute() else open_registry(registry).path.parent / source
+        source = open_registry(registry).source_folder(manifest.source.path)
         for f in missing:
             if (source / f.path).is_file():
                 got = store.put(source / f.path, f.path)
@@ -271,14 +279,9 @@ def adapter_folder(manifest: Manifest, *, registry: PathLike | None = None) -> P
 def list_adapters(
     *, base: str | None = None, method: str | None = None, task: str | None = None, registry: PathLike | None = None
 ) -> list[Manifest]:
-    """Registered adapters (every version), filtered by base model, method (or composition kind) and task."""
-    return [
-        m
-        for m in open_registry(registry).read()
-        if (base is None or base in (m.base_model.name_or_path or ""))
-        and (method is None or m.label == method)
-        and (task is None or m.task == task)
-    ]
+    """Registered adapters (every version), filtered by base model (substring), method (or composition kind)
+    and task, in the order they were added."""
+    return open_registry(registry).select(base=base, method=method, task=task)
 
 
 def show(ref: str, *, registry: PathLike | None = None) -> Manifest:
@@ -299,14 +302,12 @@ def lookup(ref: str, *, registry: PathLike | None = None) -> Manifest:
         raise
 
 
-def remove(ref: str, *, registry: PathLike | None = None) -> list[Manifest]:
-    """Unregister 'name' (every version) or 'name@version'; returns what was removed."""
-    reg = open_registry(registry)
-    reg.resolve(ref)  # a clear error if nothing matches
-    name, version = split_ref(ref)  # the parser `resolve` used: `remove` drops exactly what `show` shows
-    with reg.transaction() as adapters:
-        removed = [m for m in adapters if m.name == name and version in (None, m.version)]
-        adapters[:] = [m for m in adapters if m not in removed]
+def remove(ref: str, *, cascade: bool = False, registry: PathLike | None = None) -> list[Manifest]:
+    """Unregister 'name' (every version) or 'name@version'; returns what was removed.
+
+    Refuses (one line naming them) while a composition uses one of those entries; `cascade=True` removes
+    those compositions too. The blobs stay in the store until `zoo gc`."""
+    removed = open_registry(registry).remove(ref, cascade=cascade)
     store = open_store()
     for m in removed:
         store.drop_adapter_dir(m)
@@ -321,11 +322,36 @@ class VerifyResult:
 
 
 def verify(ref: str | None = None, *, registry: PathLike | None = None) -> list[VerifyResult]:
-    """Re-hash every stored file of one adapter (or all) against its manifest."""
+    """Re-hash every stored file of one adapter (or all) against its manifest; a composition's member that
+    is not registered (with the weights it pinned) is reported too, as `path="member NAME@V"`."""
     reg = open_registry(registry)
     manifests = [reg.resolve(ref)] if ref else reg.read()
     store = open_store()
-    return [VerifyResult(m.ref, f.path, store.verify(f)) for m in manifests for f in m.files]
+    results = [VerifyResult(m.ref, f.path, store.verify(f)) for m in manifests for f in m.files]
+    wanted = {m.ref for m in manifests}
+    results += [VerifyResult(comp, f"member {member}", "dangling: not in the registry with the pinned weights") for comp, member in reg.dangling() if comp in wanted]
+    return results
+
+
+def gc(*, delete: bool = False, registry: PathLike | None = None) -> list[Garbage]:
+    """The store's blobs no registry entry names (what `zoo remove` left behind), deleted when `delete`.
+
+    Safe against concurrent adds (see `zoo.gc`). On a shared store (`ZOO_STORE`) only the team's PostgreSQL
+    registry knows every blob in use: gc refuses any other.
+
+    Example:
+        >>> sum(g.size for g in zoo.api.gc())  # bytes a `zoo gc --yes` would free  # doctest: +SKIP
+    """
+    from zoo.gc import collect_garbage
+    from zoo.paths import store_is_shared
+
+    reg, store = open_registry(registry), open_store()
+    if store_is_shared() and not reg.location.startswith("postgresql"):
+        raise ZooError(
+            f"the store {store.root} is shared (ZOO_STORE): registry {reg.location} does not know every blob in it",
+            "run `zoo gc` with ZOO_REGISTRY set to the team's postgresql:// registry",
+        )
+    return collect_garbage(reg.blob_hashes, store, delete=delete)
 
 
 def schema() -> dict:

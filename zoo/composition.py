@@ -11,7 +11,6 @@ The math is in `compose`; this module resolves names, checks that the members fi
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -130,12 +129,8 @@ def combine_adapters(
     if capped:
         widths = sorted(set(capped.values()))
         warnings.warn(f"rank {rank} is above the width of {len(capped)} module(s); capped to their width ({', '.join(map(str, widths))})", stacklevel=2)
-    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank is the default
-    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = LoraConfig(
-        r=r, lora_alpha=r, rank_pattern=patterns, alpha_pattern={m: float(k) for m, k in patterns.items()},
-        fan_in_fan_out=adapters[0].config.fan_in_fan_out,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+    config = LoraConfig.at_scaling_one(
+        ranks, fan_in_fan_out=adapters[0].config.fan_in_fan_out, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
     )
     first = adapters[0]
     return ResolvedAdapter(name, config, state, first.task_type, first.architecture, first.base_model)
@@ -232,14 +227,16 @@ def compose(
     )
     kept = [r for r in refs if r.name in config.members]
     recipe |= {"train": str(train) if train else None, "epochs": epochs, "lr": lr, "drop_train": drop_train, "prune_below": prune_below, "seed": seed}
-    entry = _store_fusion_weights(state)
     from zoo.api import measure_tensors
+    from zoo.gc import adding
 
-    manifest = CompositionManifest(
-        fusion="attention", fusion_config=config, size=measure_tensors(open_store().blob_path(entry.sha256)), files=[entry],
-        source=Source(kind="composition", members=kept, recipe=recipe), **(common | {"members": kept}),
-    )
-    return register(manifest, registry=registry)
+    with adding(open_store()):  # a concurrent `zoo gc` keeps the blob until the entry is in
+        entry = _store_fusion_weights(state)
+        manifest = CompositionManifest(
+            fusion="attention", fusion_config=config, size=measure_tensors(open_store().blob_path(entry.sha256)), files=[entry],
+            source=Source(kind="composition", members=kept, recipe=recipe), **(common | {"members": kept}),
+        )
+        return register(manifest, registry=registry)
 
 
 def _store_fusion_weights(state: dict[str, torch.Tensor]):
@@ -270,7 +267,9 @@ def register_fusion_folder(
         raise ZooError(f"{folder}: the fusion's members {missing} are not in the registry", "`zoo add` each member adapter under the name the fusion lists first")
     members = [reg.resolve(m) for m in config.members]
     weights = weights_file(folder, allow_pickle, FUSION_WEIGHTS_NAMES)
-    with tempfile.TemporaryDirectory() as work:
+    from zoo.gc import adding
+
+    with tempfile.TemporaryDirectory() as work, adding(open_store()):  # a concurrent `zoo gc` keeps the blobs until the entry is in
         if weights.suffix == ".bin":  # stored as safetensors, like adapters' pickles
             from safetensors.torch import save_file
 
@@ -280,10 +279,10 @@ def register_fusion_folder(
         store = open_store()
         files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME, move=staged),
                  store.put(weights, FUSION_WEIGHTS_NAMES[0], move=staged and weights.parent == folder)]
-    refs = [MemberRef(name=m.name, version=m.version, sha256=m.weights.sha256) for m in members]
-    manifest = CompositionManifest(
-        name=name, fusion="attention", fusion_config=config, format="adapterhub", members=refs, base_model=members[0].base_model,
-        size=measure_tensors(open_store().blob_path(files[1].sha256)), files=files, source=source,
-        task=task, tags=sorted(set(tags)),
-    )
-    return register(manifest, registry=registry)
+        refs = [MemberRef(name=m.name, version=m.version, sha256=m.weights.sha256) for m in members]
+        manifest = CompositionManifest(
+            name=name, fusion="attention", fusion_config=config, format="adapterhub", members=refs, base_model=members[0].base_model,
+            size=measure_tensors(store.blob_path(files[1].sha256)), files=files, source=source,
+            task=task, tags=sorted(set(tags)),
+        )
+        return register(manifest, registry=registry)

@@ -178,7 +178,7 @@ def pull(
         allow_pickle (`bool`): accept a repo whose only weights are `adapter_model.bin` (loaded with
             `torch.load(weights_only=True)` and stored as safetensors).
         progress (`bool`): show the client's download progress bars (on stderr).
-        registry: registry file (default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
+        registry: the registry (default `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`).
 
     Returns:
         The registered manifest.
@@ -194,10 +194,7 @@ def pull(
         info = api.model_info(repo_id, revision=revision)
     repo_id, sha = info.id, info.sha
     where = f"{repo_id}@{sha[:12]}"
-    pulled = [
-        m for m in open_registry(registry).read()
-        if m.source.kind == "hub" and (m.source.repo_id, m.source.revision) == (repo_id, sha) and name in (None, m.name)
-    ]
+    pulled = [m for m in open_registry(registry).from_source("hub", repo_id, sha) if name in (None, m.name)]
     if pulled:
         return pulled[-1]
     with hub_errors(repo_id, sha, progress=progress):
@@ -211,8 +208,11 @@ def pull(
 
     source = Source(kind="hub", repo_id=repo_id, revision=sha)
     if ZOO_MANIFEST in tree:
-        manifest = _restore(folder, source, name, where, registry)
-        return register(manifest, new_version_of_same_source=True, registry=registry)
+        from zoo.gc import adding
+
+        with adding(open_store()):  # a concurrent `zoo gc` keeps the blobs until the entry is in
+            manifest = _restore(folder, source, name, where, registry)
+            return register(manifest, new_version_of_same_source=True, registry=registry)
     if ADAPTERHUB_FUSION_CONFIG in tree:
         from zoo.composition import register_fusion_folder
 

@@ -17,7 +17,7 @@ from zoo.api import PathLike, open_registry, open_store
 from zoo.errors import ZooError
 from zoo.formats.folder import WEIGHTS_NAMES
 from zoo.manifest import FileEntry, Manifest
-from zoo.registry import Registry
+from zoo.registry import RegistryBackend
 from zoo.store import Store, sha256_file
 
 
@@ -45,7 +45,7 @@ def repair(ref: str | None = None, *, registry: PathLike | None = None) -> list[
 
     Args:
         ref (`str`, *optional*): `NAME` or `NAME@VERSION`; default every entry of the registry.
-        registry: registry file (default `$ZOO_REGISTRY` or `<ZOO_HOME>/registry.json`).
+        registry: the registry (default `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`).
 
     Returns:
         One `RepairResult` per file that failed verification (intact files are not listed): `repaired_from`
@@ -78,14 +78,13 @@ def repair(ref: str | None = None, *, registry: PathLike | None = None) -> list[
     return results
 
 
-def _fetch(m: Manifest, f: FileEntry, work: Path, reg: Registry) -> tuple[Path, str]:
+def _fetch(m: Manifest, f: FileEntry, work: Path, reg: RegistryBackend) -> tuple[Path, str]:
     """A verified copy of `f` from `m`'s source, and where it came from."""
     source = m.source
     original = _converted_from(m, f)
     wanted = original or f
     if source.kind == "local" and source.path:
-        folder = Path(source.path)
-        folder = folder if folder.is_absolute() else reg.path.parent / folder
+        folder = reg.source_folder(source.path)
         fetched, origin = folder / wanted.path, str(folder)
         if not fetched.is_file():
             raise ZooError(f"{m.ref}: {f.path} cannot be repaired: {fetched} is gone", f"restore it, or `zoo remove {m.ref}` and add it again")

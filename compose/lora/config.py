@@ -66,6 +66,15 @@ class LoraConfig(BaseModel):
                 raise ValueError(f"alpha_pattern[{key!r}] = {alpha:g} is out of range (|alpha| <= {MAX_ALPHA:g})")
         return value
 
+    @classmethod
+    def at_scaling_one(cls, ranks: dict[str, int], **fields) -> LoraConfig:
+        """The config of factors meant for scaling 1 with `ranks` per module path: r is the most common rank and
+        lora_alpha = r, the other modules get exact-path rank/alpha patterns (alpha = rank), as PEFT's
+        `add_weighted_adapter` writes them. `fields` (e.g. target_modules) are passed on."""
+        r = max(ranks.values(), key=list(ranks.values()).count)
+        patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
+        return cls(r=r, lora_alpha=r, rank_pattern=patterns, alpha_pattern={m: float(k) for m, k in patterns.items()}, **fields)
+
     def rank_for(self, module_name: str) -> int:
         key = match_pattern_key(self.rank_pattern, module_name)
         return self.rank_pattern[key] if key is not None else self.r

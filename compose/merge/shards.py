@@ -91,6 +91,21 @@ def is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")) or name.endswith(".index.json")
 
 
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more by its own mmap, so a freed tensor goes back to the
+    OS at once. By default glibc raises that threshold after the first large free (up to 32 MiB), and later
+    tensors come from the heap, whose freed holes it keeps: a walk that reads a tensor pair per module then
+    grows its RSS by about a tensor per module. A no-op where the C library has no `mallopt` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also turns the dynamic threshold off
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class ShardReader:
     """A safetensors file read one tensor at a time with plain reads, so only the tensor being read is
     resident (`safe_open` memory-maps the file: every page read stays resident until it closes, and
