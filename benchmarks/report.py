@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 #: What each script compares, and against which anchor (the ratio columns divide by it).
 ABOUT = {
     "bench_drop": ("AdapterDrop multi-task inference (8 tasks, shared first K layers)", "ours at K = 0 (every layer per task)"),
+    "bench_extract": ("`zoo extract` / `zoo resize` vs dense SVDs", "a dense `torch.linalg.svd` per module (mergekit's extract-lora)"),
     "bench_fusion": ("AdapterFusion overhead", "the same adapters stacked (PEFT has no fusion)"),
     "bench_inspect": ("`zoo inspect` (header only) vs a full load", "a full load of the file"),
     "bench_merge": ("streaming merge of a sharded checkpoint", "peft `merge_and_unload` + `save_pretrained`"),

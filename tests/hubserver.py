@@ -42,7 +42,8 @@ RemoteEntryNotFoundError). An exception inside the server answers 500 and is kep
 Test hooks: `create_repo()` and `commit()` seed repos without the client; `corrupt()` serves different bytes of the
 same length under the advertised ETag (the client checks sizes, never hashes); `fail_after()` drops a connection
 mid-body once (the client resumes with `Range` only past whole 10 MiB chunks: `constants.DOWNLOAD_CHUNK_SIZE`);
-`requests` logs method, path and headers (Authorization left out) of every request.
+`fail_with()` answers an HTTP status (5xx) to every request, optionally quoting its headers (Authorization too) in the
+error message as a misbehaving proxy does; `requests` logs method, path and headers (Authorization left out) of every request.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class HubServer:
         self._tickets: dict[str, tuple[str, int]] = {}  # LFS upload ticket -> (sha256, size)
         self._corrupted: dict[tuple[str, str, str, str], bytes] = {}  # (type, repo, commit, path) -> served bytes
         self._failures: dict[tuple[str, str, str], int] = {}  # (type, repo, path) -> bytes sent before the drop
+        self._forced: tuple[int, str, bool] | None = None  # fail_with(): (status, path filter, echo headers)
         self._lock = threading.RLock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -373,6 +375,13 @@ class HubServer:
             commit = self._resolve(repo, rev)
             data = commit.tree[path].data
             self._corrupted[(repo_type, repo_id, commit.sha, path)] = bytes([data[0] ^ 0xFF]) + data[1:]
+
+    def fail_with(self, status: int, *, path_contains: str = "", echo_headers: bool = False) -> None:
+        """Answer `status` (e.g. 503) to every request whose path contains `path_contains`, as a failing Hub or a
+        proxy in front of it would; `echo_headers`: the error message quotes the request's headers, Authorization
+        included, as some proxies do. `fail_with(0)` stops."""
+        with self._lock:
+            self._forced = (status, path_contains, echo_headers) if status else None
 
     def fail_after(self, repo_id: str, path: str, n_bytes: int, repo_type: str = "model") -> None:
         """The next GET of `path` (any revision) sends `n_bytes` of its body, then drops the connection. Once."""
@@ -727,6 +736,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             with hub._lock:
+                forced = hub._forced
+                if forced is not None and forced[1] in self.path:
+                    status, _, echo = forced
+                    echoed = "; request headers: " + "; ".join(f"{k}: {v}" for k, v in self.headers.items()) if echo else ""
+                    raise HubError(status, f"Service unavailable{echoed}")
                 response = hub._dispatch(self.command, self.path, self.headers, body)
         except HubError as e:
             response = e.response

@@ -2,6 +2,10 @@
 arguments. Whatever the input, the answer is a result or the project's own error — `ZooError` or
 `CompositionError`, one line — and at the CLI exit code 2 with one `error:` line; never a traceback.
 
+The last section runs hostile files through the CLI — adapter configs (`zoo add`), headers and weights (`zoo add`,
+`zoo inspect`), base index and config files (`zoo merge`), registry files, references (every command) — and also
+checks that nothing was written outside `--out` and `$ZOO_HOME`, and that the registry still reads back.
+
 Examples are derived from a fixed seed (`derandomize`), so a run is reproducible; the counts add up to
 several thousand cases.
 """
@@ -349,7 +353,8 @@ def test_fuzz_composition_specs(registered, zoo_cli, spec, fusion, weights, meth
     registered()
 
 
-COMMANDS = ["list", "show", "remove", "verify", "inspect", "estimate", "add", "schema", "compose", "merge", "run", "pull", "push", "search"] * 3 + ["bogus", ""]
+COMMANDS = ["list", "show", "remove", "verify", "inspect", "estimate", "add", "schema", "compose", "merge", "run", "pull", "push", "search",
+            "check", "export", "extract", "resize"] * 3 + ["bogus", ""]
 NAMES = st.sampled_from(REFS + ["src/a/adapter_model.safetensors", "./src/c", "src/a/", "src"])
 OPTION_VALUES = {  # each option with plausible values for it, so most cases reach the command's own code
     "--name": NAMES, "--task": text, "--tag": text, "--registry": st.sampled_from(["registry.json", "a", "new.json", ".."]),
@@ -358,6 +363,9 @@ OPTION_VALUES = {  # each option with plausible values for it, so most cases rea
     "--fusion": st.sampled_from(["stack", "weighted", "attention"]), "--weights": weights.map(str), "--out": st.sampled_from(["out", "src/a", "."]),
     "--quantize": st.sampled_from(["nf4", "fp4", "int8", "int3"]), "--limit": st.integers(-1, 3).map(str), "-p": text, "--prompt": text,
     "--drop": st.integers(-1, 3).map(str), "--density": st.floats(-0.5, 1.5).map(str), "--epochs": st.integers(-1, 2).map(str),
+    "--for": st.sampled_from(["vllm", "llama.cpp", "peft", "tgi"]), "--to": st.sampled_from(["gguf", "peft", "onnx"]),
+    "--outtype": st.sampled_from(["f32", "f16", "bf16", "q8_0", "q4_0"]), "--tuned": st.sampled_from(["src/a", "src", "nowhere"]),
+    "--sv-threshold": st.floats(-0.5, 1.5).map(str), "--sv-ratio": st.floats(-1, 20).map(str), "--sv-fro": st.floats(-0.5, 1.5).map(str),
 }
 FLAGS = ["--json", "--repair", "--allow-pickle", "--trust-remote-code", "--help", "--bogus"]
 
@@ -396,4 +404,175 @@ def command_lines(draw) -> list[str]:
 @given(argv=command_lines())
 def test_fuzz_cli_arguments(registered, zoo_cli, argv):
     check_cli(*zoo_cli(*argv))
+    registered()
+
+
+# --- hostile files through the CLI: no traceback, no write outside --out / $ZOO_HOME, the registry always readable ---
+
+
+def tree_state(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int]]:
+    """Every file under `root` but those under `skip`: path → (size, mtime in ns); folders as (-1, 0)."""
+    state = {}
+    for path in root.rglob("*"):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        st = path.lstat()
+        state[str(path)] = (-1, 0) if path.is_dir() and not path.is_symlink() else (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@contextlib.contextmanager
+def confined(*allowed: Path, registry_readable: bool = True):
+    """Fails if anything under the sandbox or the test's folder changed outside `allowed` (and $ZOO_HOME), or if the
+    registry can no longer be read."""
+    home = Path(os.environ["ZOO_HOME"])
+    roots = (Path.cwd(), home.parent)
+    skip = (home, *(p.absolute() for p in allowed))
+    before = [tree_state(r, skip) for r in roots]
+    yield
+    after = [tree_state(r, skip) for r in roots]
+    for b, a in zip(before, after):
+        changed = sorted(p for p in b.keys() | a.keys() if b.get(p) != a.get(p))
+        assert not changed, f"written outside --out / $ZOO_HOME: {changed[:5]}"
+    if registry_readable:  # readable, and every entry reads back as written (a process caches what it parsed: check the JSON)
+        for m in Registry(home / "registry.json").read():
+            parse_manifest(json.loads(m.model_dump_json()))
+
+
+def write_input(folder: Path, files: dict[str, bytes]) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def json_bytes(data: object) -> bytes:
+    return json.dumps(data, allow_nan=True).encode()  # NaN and Infinity as Python writes them: input to refuse
+
+
+@fuzz(100)
+@given(data=st.data(), peft_type=st.sampled_from(["LORA", "LORA", "ADALORA", "IA3"]))
+def test_fuzz_adapter_configs_through_zoo_add(registered, zoo_cli, data, peft_type):
+    config = data.draw(mutated({**peft_seed(peft_type), "r": 1, "lora_alpha": 2, "base_model_name_or_path": "org/base",
+                                "rank_pattern": {"q_proj": 1}, "alpha_pattern": {}}, PEFT_KEYS + ["revision", "auto_mapping", "task_type"]))
+    weights = (Path("src/a") / "adapter_model.safetensors").read_bytes()
+    folder = write_input(Path("in/adapter"), {"adapter_config.json": json_bytes(config), "adapter_model.safetensors": weights})
+    with confined(Path("in")), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_cli(*zoo_cli("add", folder, "--name", "x"))
+    registered()
+
+
+@st.composite
+def lora_weights(draw) -> bytes:
+    """write_adapter's two tensors (1×4, 4×1) with any values, in any dtype, and sometimes a shape of hundreds of dims."""
+    dtype = draw(st.sampled_from(["F32", "F32", "F16", "BF16", "I32", "BOOL", "U8"]))
+    size = DTYPE_BITS[dtype] // 8
+    shape_a = draw(st.one_of(st.just([1, 4]), st.lists(st.sampled_from([1, 1, 2, 1 << 62]), min_size=40, max_size=400)))
+    values = draw(st.lists(st.one_of(st.floats(width=32), st.sampled_from([math.nan, math.inf, -math.inf, 3e38])), min_size=8, max_size=8))
+    fmt = {"F32": "<8f", "F16": "<8e", "BF16": None, "I32": "<8i", "BOOL": None, "U8": None}[dtype]
+    if fmt == "<8e":
+        values = [v if not math.isfinite(v) or abs(v) < 65504 else math.inf for v in values]
+    data = (struct.pack(fmt, *values) if fmt and fmt != "<8i" else struct.pack("<8i", *range(8)) if fmt else
+            struct.pack("<8f", *values)[2::2][: 8 * size].ljust(8 * size, b"\0") if dtype == "BF16" else bytes([1, 0] * 4))
+    header = {PREFIX + "lora_A.weight": {"dtype": dtype, "shape": shape_a, "data_offsets": [0, 4 * size]},
+              PREFIX + "lora_B.weight": {"dtype": dtype, "shape": [4, 1], "data_offsets": [4 * size, 8 * size]}}
+    return safetensors_bytes(header, data)
+
+
+@fuzz(120)
+@given(raw=st.one_of(headers(), lora_weights()), command=st.sampled_from(["add", "add", "inspect"]))
+def test_fuzz_safetensors_headers_through_the_cli(registered, zoo_cli, raw, command):
+    """Hostile headers and weights: what `zoo add` accepts has a valid header and only finite floating-point values."""
+    config = (Path("src/a") / "adapter_config.json").read_bytes()
+    folder = write_input(Path("in/adapter"), {"adapter_config.json": config, "adapter_model.safetensors": raw})
+    with confined(Path("in")):
+        code, out, err = zoo_cli(*(["add", folder, "--name", "x"] if command == "add" else ["inspect", folder / "adapter_model.safetensors"]))
+    check_cli(code, out, err)
+    if command == "add" and code == 0:
+        from safetensors.torch import load_file
+
+        import zoo
+
+        stored = load_file(zoo.api.adapter_folder(zoo.show("x")) / "adapter_model.safetensors")
+        assert all(t.is_floating_point() and bool(t.isfinite().all()) for t in stored.values()), stored
+    registered()
+
+
+SHARD_KEY = "model.layers.0.self_attn.q_proj.weight"
+SHARD = safetensors_bytes({SHARD_KEY: {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, struct.pack("<16f", *range(16)))
+SHARD_NAMES = ["model-00001.safetensors", "../victim.safetensors", "/etc/hostname", "", ".", "..", "sub/x.safetensors",
+               "model-00001.safetensors/", "a\\b.safetensors", "missing.safetensors", "\udcff", "config.json"]
+
+
+@fuzz(50)
+@given(index=mutated({"metadata": {"total_size": 64}, "weight_map": {SHARD_KEY: "model-00001.safetensors"}}),
+       name=st.sampled_from(SHARD_NAMES), config=mostly(st.just({"model_type": "llama"}), json_values, odds=3),
+       dtype=st.sampled_from([[], ["--dtype", "fp16"]]))
+def test_fuzz_base_index_and_config_through_zoo_merge(registered, zoo_cli, index, name, config, dtype):
+    """Index files (shard names leaving the folder among them) and config.json: a merge writes its --out or nothing,
+    and reads no file outside the base folder as a shard (the victim beside it stays as it was)."""
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict) and index["weight_map"]:
+        index["weight_map"][next(iter(index["weight_map"]))] = name
+    Path("victim.safetensors").write_bytes(SHARD)
+    base = write_input(Path("in/base"), {"model.safetensors.index.json": json_bytes(index), "model-00001.safetensors": SHARD,
+                                         "config.json": json_bytes(config)})
+    with confined(Path("in"), Path("out")):
+        check_cli(*zoo_cli("merge", "a", "--base", base, "--out", "out", *dtype))
+    assert Path("victim.safetensors").read_bytes() == SHARD
+    registered()
+
+
+@fuzz(120)
+@given(entries=st.lists(mostly(st.just(VALID_MANIFEST), mutated(VALID_MANIFEST, ["kind", "method"]), odds=2), min_size=1, max_size=2),
+       command=st.sampled_from([["list"], ["show", "sql"], ["verify"], ["remove", "sql"], ["add", "src/a", "--name", "n"]]),
+       nan=st.booleans())
+def test_fuzz_registry_files_through_the_cli(registered, zoo_cli, entries, command, nan):
+    """A registry edited by hand (NaN included): each command answers or says the file is invalid, and never
+    overwrites a registry it could not read."""
+    home = Path(os.environ["ZOO_HOME"])
+    raw = json.dumps({"format": "adapter-zoo/registry", "schema_version": 1, "adapters": entries}, allow_nan=True).encode()
+    if nan:
+        raw = raw.replace(b'"lora_alpha": 16', b'"lora_alpha": NaN')
+    (home / "registry.json").write_bytes(raw)
+    try:
+        Registry(home / "registry.json").read()
+        readable = True
+    except Exception as e:  # noqa: BLE001
+        user_error(e)
+        readable = False
+    with confined(registry_readable=readable):
+        code, out, err = zoo_cli(*command)
+    check_cli(code, out, err)
+    if not readable:  # never overwritten
+        assert (home / "registry.json").read_bytes() == raw and code == 2, (command, err)
+    registered()
+
+
+VERSIONS = ["1", "2", "01", "²", "١", "1.0", "+1", " 1", "0", "-1", "1e3", "99999999999999999999", "", "x", "1@1", "٣", "𝟙"]
+
+
+@fuzz(120)
+@given(name=st.sampled_from(["a", "b", "c", "nobody", "src", "./src/a", "src/a", "a.b", ""]), version=st.one_of(st.none(), st.sampled_from(VERSIONS)),
+       command=st.sampled_from(["show", "remove", "verify", "inspect", "push", "merge", "compose"]))
+def test_fuzz_references_through_the_cli(registered, zoo_cli, name, version, command):
+    """Every command reads a reference the same way: what `show` shows is what `remove` removes, and a reference that
+    only looks like a version (`a@01`, `a@²`) is refused by all of them."""
+    ref = name if version is None else f"{name}@{version}"
+    shown = zoo_cli("show", ref, "--json")
+    args = {"push": ["push", ref, "org/x"], "merge": ["merge", ref, "--base", "in/nowhere", "--out", "out"],
+            "compose": ["compose", f"{ref}+b", "--name", "mix"]}.get(command, [command, ref])
+    before = {m.ref for m in Registry(Path(os.environ["ZOO_HOME"]) / "registry.json").read()}
+    with confined(Path("out")):
+        code, out, err = zoo_cli(*args)
+    check_cli(code, out, err)
+    if version is not None and not (version.isascii() and version.isdigit() and version[0] != "0"):
+        assert code == 2 and shown[0] == 2, (ref, out, err)  # refused, by show too
+    if command == "remove":
+        after = {m.ref for m in Registry(Path(os.environ["ZOO_HOME"]) / "registry.json").read()}
+        expected = {json.loads(shown[1])["name"] + "@" + str(json.loads(shown[1])["version"])} if shown[0] == 0 and version else set()
+        if shown[0] == 0 and not version:
+            expected = {r for r in before if r.split("@")[0] == name}
+        assert before - after == expected, (ref, before, after)
     registered()

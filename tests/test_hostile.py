@@ -194,8 +194,8 @@ def write(path: Path, data: bytes) -> Path:
 
 F32_A = {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}
 HOSTILE_HEADERS = {
-    "huge shape and offsets": (safetensors_bytes({"t": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 1 << 82]}}), "truncated file"),
-    "huge numel, small span": (safetensors_bytes({"t": {"dtype": "F32", "shape": [1 << 62, 4], "data_offsets": [0, 16]}}, bytes(16)), "needs"),
+    "huge shape and offsets": (safetensors_bytes({"t": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 1 << 82]}}), "overflows 64 bits"),
+    "huge numel, small span": (safetensors_bytes({"t": {"dtype": "F32", "shape": [1 << 62, 4], "data_offsets": [0, 16]}}, bytes(16)), "overflows 64 bits"),
     "header length 2**63": (struct.pack("<Q", 1 << 63) + b"{}", "exceeds the 100,000,000-byte limit"),
     "header length past the file": (struct.pack("<Q", 99_000_000) + b"{}", "larger than the file"),
     "overlap": (safetensors_bytes({"a": F32_A, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16)), "overlaps"),

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,11 @@ def test_pickle_rule(peft_adapter, tmp_path, monkeypatch):
     assert m.source.original_files[0].path == "adapter_model.bin"
     # a pickle that would run code is refused even when pickles are allowed
     monkeypatch.chdir(tmp_path)
-    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    with zipfile.ZipFile(folder / "adapter_model.bin") as z:  # torch's zip archive, its data.pkl swapped for the evil one
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(folder / "adapter_model.bin", "w") as z:
+        for name, data in members:
+            z.writestr(name, pickle.dumps({"x": _Evil()}) if name.endswith("/data.pkl") else data)
     with pytest.raises(ZooError, match="weights-only"):
         zoo.add(folder, name="evil", allow_pickle=True)
     assert not (tmp_path / "pwned").exists()

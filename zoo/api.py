@@ -17,20 +17,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, TypeVar
+
+from pydantic import ValidationError
 
 from compose.errors import CompositionError
 from zoo.errors import ZooError
 from zoo.formats.folder import folder_files, read_adapter_folder
+from zoo.formats.tensor_values import check_tensor_values
 from zoo.gc import Garbage
 from zoo.interrupts import deferred as _deferred_signals
-from zoo.manifest import AdapterManifest, BaseModelRef, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name
+from zoo.manifest import AdapterManifest, BaseModelRef, DtypeSize, Manifest, MethodConfig, SizeInfo, Source, check_name, validation_message
 from zoo.paths import registry_location, store_root
+from zoo.refs import is_ref
 from zoo.registry import RegistryBackend
 from zoo.safety import copy_inside
 from zoo.store import Store, no_space
 
 PathLike = str | os.PathLike
+M = TypeVar("M")
 
 
 def open_registry(registry: PathLike | None = None) -> RegistryBackend:
@@ -188,6 +193,7 @@ def register_folder(
     with tempfile.TemporaryDirectory() as work:
         adapter = read_adapter_folder(folder, allow_pickle=allow_pickle, workdir=Path(work), model_config=_base_config(base))
         size = measure_size(adapter.weights, adapter.config, adapter.raw_config)
+        check_tensor_values(adapter.weights)
         with adding(store):  # from the first blob to the commit: a concurrent `zoo gc` keeps these blobs
             files = [store.put(path, stored_name, move=staged and path.parent == folder) for stored_name, path in adapter.files.items()]
             manifest = _adapter_manifest(adapter, name, source, size, files, task, tags, license)
@@ -205,7 +211,8 @@ def _adapter_manifest(adapter, name, source, size, files, task, tags, license) -
     """The manifest of an adapter folder read by `read_adapter_folder`, its files stored."""
     if adapter.converted_from:
         source = source.model_copy(update={"original_files": [adapter.converted_from]})
-    return AdapterManifest(
+    return build_manifest(
+        AdapterManifest,
         name=name,
         method=adapter.config,
         format=adapter.format,
@@ -219,6 +226,14 @@ def _adapter_manifest(adapter, name, source, size, files, task, tags, license) -
         license=license,
         extra_config=adapter.unknown_keys,
     )
+
+
+def build_manifest(kind: type[M], what: str = "adapter", **fields: Any) -> M:
+    """`kind(**fields)`, with an invalid field (a type or value the input got wrong) as a one-line `ZooError`."""
+    try:
+        return kind(**fields)
+    except ValidationError as e:
+        raise ZooError(validation_message(e, what)) from None
 
 
 def _base_config(base: PathLike | None) -> dict | None:
@@ -294,6 +309,19 @@ def list_adapters(
 def show(ref: str, *, registry: PathLike | None = None) -> Manifest:
     """The manifest of 'name' (latest version) or 'name@version'."""
     return open_registry(registry).resolve(ref)
+
+
+def lookup(ref: str, *, registry: PathLike | None = None) -> Manifest:
+    """The registry entry `ref` names, for commands that take an entry or a path: a bare name always means the
+    entry; if there is none but the working directory holds a file or folder of that name, the error says to
+    write `./NAME` (a folder never silently takes an entry's place, nor the other way round)."""
+    try:
+        return open_registry(registry).resolve(ref)
+    except ZooError as e:
+        if is_ref(ref) and os.path.lexists(ref):
+            kind = "folder" if os.path.isdir(ref) else "file"
+            raise ZooError(f"{e.message}; {ref!r} is a {kind} here, and a bare name means a registry entry", f"write ./{ref} to use the {kind}") from None
+        raise
 
 
 def remove(ref: str, *, cascade: bool = False, registry: PathLike | None = None) -> list[Manifest]:

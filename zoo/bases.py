@@ -67,22 +67,6 @@ def check_base(base: PathLike, *, revision: str | None = None) -> None:
         raise ZooError(f"cannot reach the Hub ({constants.ENDPOINT}) for base model {text!r}: {type(e).__name__}", _offline_hint(text, revision)) from None
 
 
-def check_hub() -> None:
-    """One request to the Hub's model list, without the client's retries: a one-line `ZooError` within seconds
-    when nothing answers (for `zoo search`; the client would retry for half a minute, logging each try)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return
-    try:  # as the client asks (its token, if any, in the Authorization header)
-        get_session().get(f"{constants.ENDPOINT}/api/models", params={"limit": 1}, headers=build_hf_headers(), timeout=PROBE_TIMEOUT_S)
-    except Exception as e:
-        if not _unreachable(e):
-            raise
-        raise ZooError(f"cannot reach the Hub ({constants.ENDPOINT}): {type(e).__name__}", "check the network or HF_ENDPOINT") from None
-
-
 def _unreachable(error: Exception) -> bool:
     """The transport's own errors (no network, DNS, timeout): the client's classes vary by version."""
     return isinstance(error, OSError) or type(error).__module__.startswith(("httpx", "httpcore"))

@@ -10,8 +10,9 @@ The math is in `compose`; this module resolves names, checks that the members fi
 
 from __future__ import annotations
 
-import re
+import math
 import tempfile
+import warnings
 from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -73,6 +74,14 @@ def check_members(adapters: list[ResolvedAdapter]) -> None:
             seen.setdefault(module, (adapter.name, *shape))
 
 
+def check_finite(**values: float | Iterable[float] | None) -> None:
+    """Refuse NaN and ±Infinity among numeric options (a number or a list of them; None: not given)."""
+    for option, value in values.items():
+        numbers = [] if value is None else [value] if isinstance(value, (int, float)) else list(value)
+        if not all(math.isfinite(x) for x in numbers):
+            raise ZooError(f"{option} {value} holds a number that is not finite", f"give {option} as finite numbers, e.g. 0.7,0.3" if option == "weights" else f"give {option} a finite number")
+
+
 def combine_adapters(
     adapters: list[ResolvedAdapter], weights: Iterable[float] | None, *, method: str | None = None, rank: int | None = None,
     density: float | None = None, seed: int = 0, name: str = "weighted",
@@ -90,6 +99,7 @@ def combine_adapters(
     from compose.lora.weighted import SVD_METHODS, LoraFactors, combine
 
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    check_finite(weights=weights, density=density)
     if len(weights) != len(adapters):
         raise ZooError(f"{len(weights)} weights for {len(adapters)} adapters", "give one weight per adapter")
     check_composition([(a.name, a.config.method) for a in adapters], fusion="weighted")
@@ -113,23 +123,25 @@ def combine_adapters(
     generator = torch.Generator().manual_seed(seed)
     per_adapter = [_modules(a) for a in adapters]
     modules = list(dict.fromkeys(m for mods in per_adapter for m in mods))
-    state, ranks = {}, {}
+    state, ranks, capped = {}, {}, {}
     for module in modules:
         present = [(i, mods[module]) for i, mods in enumerate(per_adapter) if module in mods]
         factors = [LoraFactors(A, B, adapters[i].config.scaling_for(module)) for i, (A, B) in present]
         module_rank = max(f.A.shape[0] for f in factors) if rank is None and method in SVD_METHODS else rank  # peft's svd_rank default
+        width = min(present[0][1][0].shape[1], present[0][1][1].shape[0])  # min(in, out): no rank above it adds anything
+        if rank is not None and rank > width:
+            capped[module] = width  # rather than rows of zeros (rank 10⁶ on a 64-wide module: megabytes of them)
         try:
-            A, B = combine(factors, [weights[i] for i, _ in present], method, rank=module_rank, density=density, generator=generator)
+            A, B = combine(factors, [weights[i] for i, _ in present], method, rank=capped.get(module, module_rank), density=density, generator=generator)
         except CompositionError as e:
             raise ZooError(f"module {module} ({', '.join(adapters[i].name for i, _ in present)}): {e}") from None
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A, B
         ranks[module] = A.shape[0]
-    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank is the default
-    patterns = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = LoraConfig(
-        r=r, lora_alpha=r, rank_pattern=patterns, alpha_pattern={m: float(k) for m, k in patterns.items()},
-        fan_in_fan_out=adapters[0].config.fan_in_fan_out,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+    if capped:
+        widths = sorted(set(capped.values()))
+        warnings.warn(f"rank {rank} is above the width of {len(capped)} module(s); capped to their width ({', '.join(map(str, widths))})", stacklevel=2)
+    config = LoraConfig.at_scaling_one(
+        ranks, fan_in_fan_out=adapters[0].config.fan_in_fan_out, target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
     )
     return ResolvedAdapter(name, config, state, *_identity(adapters))
 
@@ -197,6 +209,7 @@ def compose(
         >>> zoo.compose("sql+chat", fusion="weighted", weights=[0.7, 0.3], method="svd", rank=16, name="sql-chat")  # doctest: +SKIP
     """
     check_name(name)
+    check_finite(density=density, lr=lr, prune_below=prune_below, temperature=temperature)
     if fusion not in FUSIONS:
         raise ZooError(f"unknown fusion {fusion!r}", f"use one of {', '.join(FUSIONS)}")
     given = dict(weights=weights, method=method, rank=rank, density=density, seed=seed, base=base, train=train, epochs=epochs, lr=lr,

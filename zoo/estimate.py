@@ -21,6 +21,7 @@ KV width) come from config.json itself, read the way PEFT reads them.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from collections import Counter
@@ -104,6 +105,8 @@ SITES = ("attention", "ffn")
 
 #: AdapterHub's MAMConfig: a 30-token prefix trained through an 800-wide MLP (saved as that MLP),
 #: and a parallel adapter with reduction factor 2.
+#: The largest rank, token count or width accepted (2³¹ − 1: beyond any tensor dimension a model has).
+MAX_COUNT = 2**31 - 1
 MAM_DEFAULTS = {"num_virtual_tokens": 30, "prefix_projection": True, "encoder_hidden_size": 800, "reduction_factor": 2}
 
 #: Bytes per parameter of the dtypes an adapter is saved in.
@@ -270,6 +273,10 @@ def estimate_adapter(
     for name in ("rank", "init_r", "num_virtual_tokens", "encoder_hidden_size", "encoder_num_layers", "num_transformer_submodules"):
         if options[name] is not None and options[name] < 1:
             raise ZooError(f"{name} must be at least 1, got {options[name]}")
+        if options[name] is not None and options[name] > MAX_COUNT:  # no tensor is that wide: a typo, and sizes beyond any float
+            raise ZooError(f"{name} {options[name]} is out of range", f"use at most {MAX_COUNT:,}")
+    if reduction_factor is not None and not (math.isfinite(reduction_factor) and reduction_factor > 0):
+        raise ZooError(f"reduction_factor must be a positive finite number, got {reduction_factor}")
     config_path = _config_path(base)
     arch = _architecture(config_path)
     given = {k: v for k, v in options.items() if k in METHOD_OPTIONS[method]}
@@ -452,6 +459,8 @@ def _bottlenecks(arch: _Architecture, config_path: Path, factor: float, sites: l
         raise ZooError(f"reduction_factor must be positive, got {factor}")
     h = _dim(arch.config, config_path, "hidden size", "hidden_size", "n_embd", "d_model")
     layers = _all_layers(arch.config, config_path)
+    if h / factor > MAX_COUNT:
+        raise ZooError(f"reduction_factor {factor:g} makes the bottleneck {h / factor:.3g} wide", f"use a factor of at least {h / MAX_COUNT:.3g}")
     m = max(1, int(h // factor))  # AdapterHub: int(hidden_size // reduction_factor)
     where = {"attention": "after attention", "ffn": "beside the feed-forward block" if parallel else "after the feed-forward block"}
     rows = [EstimateRow(kind=site, in_features=h, out_features=h, count=layers, params=layers * (_linear(h, m) + _linear(m, h)),

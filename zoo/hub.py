@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_store, register, register_folder
@@ -66,9 +66,45 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
+#: Credentials a server (or a proxy in front of it) may quote back in an error: Hub tokens and bearer headers.
+_SECRETS = re.compile(r"(?i)(bearer\s+)\S+|\bhf_[A-Za-z0-9_]{8,}|(token[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+")
+
+
+def redact(text: str) -> str:
+    """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`): what a server answers is
+    printed, and a proxy that echoes the request's headers would otherwise print the caller's token."""
+    def hide(m: re.Match) -> str:
+        kept = m.group(1) or m.group(2)  # "Bearer " or "token=": kept, the secret after it hidden
+        return f"{kept}***" if kept else "hf_***"
+
+    return _SECRETS.sub(hide, text)
+
+
 @contextmanager
-def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
-    """The client's errors as one-line `ZooError`s. They name the endpoint, repo and revision, never the token."""
+def quiet_client(progress: bool = False) -> Iterator[None]:
+    """The client's own output off while it works: its retry log lines (the one-line error says what failed) and,
+    unless `progress`, its progress bars (not wanted in logs, pipes or --json output)."""
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    logger = logging.getLogger("huggingface_hub")
+    level, bars_were_off = logger.level, are_progress_bars_disabled()
+    logger.setLevel(logging.ERROR)
+    if not progress:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not progress and not bars_were_off:
+            enable_progress_bars()
+
+
+@contextmanager
+def hub_errors(what: str, revision: str | None = None, *, progress: bool = False) -> Iterator[None]:
+    """The client's errors as one-line `ZooError`s (with the client's own log lines and, unless `progress`, bars off).
+    They name the endpoint, repo and revision, never a token: what the server says is redacted first."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         HFValidationError,
@@ -83,8 +119,14 @@ def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
 
     endpoint = constants.ENDPOINT
     login = "set HF_TOKEN or run `hf auth login`"
+    unreachable = ZooError(f"cannot reach {endpoint}", "check the network, or HF_ENDPOINT; or set HF_HUB_OFFLINE=1 to work offline from the cache")
+
+    def server_error(e: HfHubHTTPError, status: int) -> ZooError:
+        return ZooError(f"the Hub at {endpoint} had a server error (HTTP {status}) on {what}: {_first_line(e.server_message)}", "retry later; nothing was changed")
+
     try:
-        yield
+        with quiet_client(progress):
+            yield
     except OfflineModeIsEnabled:
         raise ZooError("the Hub client is offline (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE to reach the Hub") from None
     except RevisionNotFoundError:
@@ -97,11 +139,16 @@ def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
             raise ZooError(f"authentication failed at {endpoint} for {what} (HTTP {status})", f"{login} (pushing needs a token with write access)") from None
         if isinstance(e, RepositoryNotFoundError):
             raise ZooError(f"repo {what} not found on {endpoint} (or private)", f"check the id; for a private repo {login}") from None
+        if status is not None and status >= 500:
+            raise server_error(e, status) from None
         raise ZooError(f"{endpoint} answered HTTP {status} for {what}: {_first_line(e.server_message)}", "retry later") from None
-    except LocalEntryNotFoundError:  # snapshot_download's answer when the Hub vanished mid-pull and the cache lacks files
-        raise ZooError(f"cannot reach {endpoint}, and {what} is not in the local cache", "check the network or HF_ENDPOINT, then retry") from None
+    except LocalEntryNotFoundError as e:  # snapshot_download's answer when a download failed and the cache lacks the files
+        cause = e.__cause__
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code >= 500:
+            raise server_error(cause, cause.response.status_code) from None
+        raise ZooError(f"{unreachable.message}, and {what} is not in the local cache", unreachable.hint) from None
     except httpx.TransportError as e:
-        raise ZooError(f"cannot reach {endpoint} ({type(e).__name__})", "check the network or HF_ENDPOINT, then retry: downloads resume") from None
+        raise ZooError(f"{unreachable.message} ({type(e).__name__})", unreachable.hint) from None
     except HFValidationError as e:
         raise ZooError(f"invalid repo id {what!r}: {_first_line(str(e))}", "write ORG/NAME") from None
     except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no URL can carry
@@ -109,13 +156,16 @@ def hub_errors(what: str, revision: str | None = None) -> Iterator[None]:
 
 
 def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+    """The first line of what a server said, tokens redacted."""
+    return redact((text or "").strip().splitlines()[0]) if (text or "").strip() else "no details"
 
 
 # --- pull ------------------------------------------------------------------------------------------------
 
 
-def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, registry: PathLike | None = None) -> Manifest:
+def pull(
+    ref: str, *, name: str | None = None, allow_pickle: bool = False, progress: bool = False, registry: PathLike | None = None
+) -> Manifest:
     """Download an adapter repo at a revision, verify every file against the Hub's hashes, and register it.
 
     The revision (branch, tag or commit; default `main`) is resolved to its commit sha, which the manifest pins.
@@ -127,6 +177,7 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
         name (`str`, *optional*): registry name; default the name in `zoo.json`, else the repo's name part.
         allow_pickle (`bool`): accept a repo whose only weights are `adapter_model.bin` (loaded with
             `torch.load(weights_only=True)` and stored as safetensors).
+        progress (`bool`): show the client's download progress bars (on stderr).
         registry: the registry (default `$ZOO_REGISTRY`, else `<ZOO_HOME>/registry.db`).
 
     Returns:
@@ -146,7 +197,7 @@ def pull(ref: str, *, name: str | None = None, allow_pickle: bool = False, regis
     pulled = [m for m in open_registry(registry).from_source("hub", repo_id, sha) if name in (None, m.name)]
     if pulled:
         return pulled[-1]
-    with hub_errors(repo_id, sha):
+    with hub_errors(repo_id, sha, progress=progress):
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(f, RepoFile)}
         if not {CONFIG_NAME, ZOO_MANIFEST, ADAPTERHUB_FUSION_CONFIG} & tree.keys():
             raise ZooError(f"{where} holds neither {CONFIG_NAME} nor {ZOO_MANIFEST}", "is it an adapter repo? (see its files on the Hub)")
@@ -213,6 +264,8 @@ def _restore(folder: Path, source: Source, name: str | None, where: str, registr
                 f"{where}: {ZOO_MANIFEST} lists {f.path} with sha256 {f.sha256[:12]}… ({f.size:,} bytes), the repo has {got[0][:12]}… ({got[1]:,} bytes)",
                 "the repo's files changed after `zoo push`: push the adapter again",
             )
+    if isinstance(manifest, AdapterManifest):
+        _check_against_files(manifest, folder, where)
     if isinstance(manifest, AdapterManifest):  # sizes and ranks are measured, never taken from input
         if manifest.weights is None or measure_size(folder / manifest.weights.path, manifest.method) != manifest.size:
             raise ZooError(f"{where}: the sizes in {ZOO_MANIFEST} are not those of its weights", "push the adapter again")
@@ -223,6 +276,26 @@ def _restore(folder: Path, source: Source, name: str | None, where: str, registr
     for f in manifest.files:
         store.put(folder / f.path, f.path)
     return manifest.model_copy(update=update)
+
+
+def _check_against_files(manifest: AdapterManifest, folder: Path, where: str) -> None:
+    """`zoo.json` must say what the repo's own adapter config says: the files are what PEFT, vLLM and `zoo load`
+    read, so a `zoo.json` claiming another `lora_alpha` (say) would make the registry lie about the adapter."""
+    import warnings
+
+    from zoo.formats.folder import attention_layout, read_adapter_folder
+
+    with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys: compared below
+        files = read_adapter_folder(folder, workdir=Path(work), model_config=attention_layout(manifest.method))
+    claimed = {"format": manifest.format, "task_type": manifest.task_type, "extra_config": manifest.extra_config, **manifest.method.model_dump()}
+    found = {"format": files.format, "task_type": files.task_type, "extra_config": files.unknown_keys, **files.config.model_dump()}
+    for key in dict.fromkeys([*claimed, *found]):
+        if claimed.get(key) != found.get(key):
+            raise ZooError(
+                f"{where}: {ZOO_MANIFEST} says {key}={claimed.get(key)!r:.60} but {CONFIG_NAME} says {found.get(key)!r:.60}",
+                "the repo's files are what loads; its zoo.json was edited after `zoo push`: push the adapter again",
+            )
 
 
 def _local_members(composition: CompositionManifest, where: str, registry: PathLike | None):
@@ -244,7 +317,8 @@ def _local_members(composition: CompositionManifest, where: str, registry: PathL
 
 
 def push(
-    name_or_ref: str, repo_id: str, *, private: bool = False, branch: str | None = None, registry: PathLike | None = None
+    name_or_ref: str, repo_id: str, *, private: bool = False, branch: str | None = None, progress: bool = False,
+    registry: PathLike | None = None,
 ) -> str:
     """Upload a registry entry to a Hub repo in one commit: its files, `zoo.json` and a model card (`README.md`).
 
@@ -255,6 +329,7 @@ def push(
     Args:
         name_or_ref (`str`): `NAME` (latest version) or `NAME@VERSION`.
         repo_id (`str`): `ORG/NAME`, or `NAME` for the token's user.
+        progress (`bool`): show the client's upload progress bars (on stderr).
 
     Returns:
         The commit's URL (it ends with the commit sha, for `pull REPO_ID@SHA`).
@@ -268,16 +343,30 @@ def push(
         folder = Path(work)
         for f in manifest.files:
             shutil.copyfile(source / f.path, folder / f.path)
-        published = manifest.model_dump(mode="json")
-        published["source"]["path"] = None  # a local folder means nothing on the Hub and may name the user's home
+        published = published_manifest(manifest)
         (folder / ZOO_MANIFEST).write_text(json.dumps(published, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        with hub_errors(repo_id, branch):
+        with hub_errors(repo_id, branch, progress=progress):
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             model_card(manifest, repo_id, branch).save(folder / CARD_NAME)
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch, commit_message=f"zoo push {manifest.ref}")
     return commit.commit_url
+
+
+def published_manifest(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as `push` publishes it (`zoo.json`): no local path, which means nothing on the Hub and may name
+    the user's home — not the source folder, not a file a composition was trained on (its name stays), not a
+    base model loaded from a folder."""
+    published = manifest.model_dump(mode="json")
+    published["source"]["path"] = None
+    recipe = published["source"]["recipe"]
+    for key, value in recipe.items():
+        if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
+            recipe[key] = PureWindowsPath(value).name  # splits at / and \ alike
+    if not is_hub_id(published["base_model"]["name_or_path"]):
+        published["base_model"]["name_or_path"] = None
+    return published
 
 
 def is_hub_id(name_or_path: str | None) -> bool:
@@ -304,7 +393,7 @@ def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> M
 
 
 def _card_body(m: Manifest, repo_id: str, base: str | None, branch: str | None) -> str:
-    on = f" for [{base}](https://huggingface.co/{base})" if base else (f" for `{m.base_model.name_or_path}`" if m.base_model.name_or_path else "")
+    on = f" for [{base}](https://huggingface.co/{base})" if base else ""  # a local base's path is not published
     pull_ref = f"{repo_id}@{branch}" if branch else repo_id
     lines = [f"# {m.name}", ""]
     if isinstance(m, AdapterManifest):
@@ -369,8 +458,13 @@ def search(base: str, *, method: str | None = None, limit: int | None = 50) -> l
 
     if limit is not None and limit < 1:
         raise ZooError(f"limit {limit} is not a positive number", "pass --limit 1 or more")
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
     filters = [f"base_model:adapter:{base}", *([method] if method else [])]
     with hub_errors(base):
+        if not constants.HF_HUB_OFFLINE:  # one request the client does not retry: an unreachable Hub fails now, not after 23 s of backoff
+            get_session().head(constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
         found = list(HfApi().list_models(filter=filters, sort="downloads", limit=limit))
     return [
         {

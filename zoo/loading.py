@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from compose.fusion.config import FusionConfig
-from zoo.api import PathLike, adapter_folder, open_registry, split_adapters
+from zoo.api import PathLike, adapter_folder, lookup, open_registry, split_adapters
 from zoo.errors import ZooError
 from zoo.formats.folder import load_adapter_state, read_adapter_folder
 from zoo.manifest import AdapterManifest, CompositionManifest, MethodConfig
+from zoo.refs import is_path
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +67,9 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
     """Registry references ('name', 'name@2'), adapter folders, or compositions → adapters (+ fusion)."""
     out = Resolved()
     for item in split_adapters(items):
-        if Path(item).is_dir():
+        if is_path(item):  # ./s, /abs/s: a bare name is always a registry entry
+            if not Path(item).is_dir():
+                raise ZooError(f"{item!r} is not an adapter folder, nor a registry reference", "write NAME[@VERSION] for a registered adapter, or the path of a folder")
             with tempfile.TemporaryDirectory() as work:
                 adapter = read_adapter_folder(Path(item), allow_pickle=allow_pickle, workdir=Path(work))
             state = load_adapter_state(Path(item), adapter.config, adapter.format, allow_pickle=allow_pickle)
@@ -75,7 +78,7 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
                 adapter.base_model.architecture, adapter.base_model.name_or_path,
             ))
             continue
-        manifest = open_registry(registry).resolve(item)
+        manifest = lookup(item, registry=registry)
         if isinstance(manifest, AdapterManifest):
             out.adapters.append(_from_manifest(manifest, registry))
             continue

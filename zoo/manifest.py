@@ -7,6 +7,7 @@ and validated by pydantic; `zoo schema` prints its JSON Schema. The method is a 
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
@@ -101,8 +102,27 @@ AdapterName = Annotated[str, _as_value_error(check_name)]
 RelativePath = Annotated[str, _as_value_error(check_relative_path)]
 
 
+def _finite_json(value: Any) -> Any:
+    """`value` (free-form JSON) if it holds no NaN or ±Infinity: JSON has no such numbers, so the registry
+    would write them as null, and a manifest must read back as it was written. Walked with a stack, not
+    recursion: the input decides how deep it nests."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"holds {item}, not a finite number")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+FiniteJson = Annotated[dict[str, Any], AfterValidator(_finite_json)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number of a manifest survives JSON
 
 
 class BaseModelRef(_Strict):
@@ -161,7 +181,7 @@ class Source(_Strict):
         default_factory=list, description="Files as found at the source when they were converted on import (e.g. a .bin pickle)."
     )
     members: list[MemberRef] = Field(default_factory=list, description="kind=composition: the adapters this one was computed from.")
-    recipe: dict[str, Any] = Field(default_factory=dict, description="kind=composition: how (e.g. method, weights, rank, seed).")
+    recipe: FiniteJson = Field(default_factory=dict, description="kind=composition: how (e.g. method, weights, rank, seed).")
 
 
 class _Entry(_Strict):
@@ -195,7 +215,7 @@ class AdapterManifest(_Entry):
     method: MethodConfig
     format: Literal["peft", "adapterhub"] = Field("peft", description="Which library's folder layout the stored files follow.")
     task_type: str | None = Field(None, description="PEFT task_type, e.g. CAUSAL_LM, SEQ_CLS.")
-    extra_config: dict[str, Any] = Field(
+    extra_config: FiniteJson = Field(
         default_factory=dict, description="Keys of the adapter config this version does not know, kept verbatim."
     )
 

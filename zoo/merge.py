@@ -65,6 +65,7 @@ def merge(
 
     if not os.path.isdir(base):
         raise ZooError(f"base {os.fspath(base)!r} is not a folder", "download the base model first (save_pretrained or `hf download`) and pass its folder")
+    check_base_headers(base)
     deltas = lora_deltas(adapters)
     kwargs = dict(dtype=dtype, quantize=quantize, dequantize=dequantize, double_quant=double_quant, weights=carried_weights(adapters))
     if not progress:
@@ -77,6 +78,20 @@ def merge(
         task = bar.add_task("", total=None)
         return merge_checkpoint(base, out, deltas, **kwargs,
                                 on_tensor=lambda name, done, total: bar.update(task, completed=done, total=total, description=name))
+
+
+def check_base_headers(base: PathLike) -> None:
+    """Validate the header of every shard of the base checkpoint folder `base` as adapter headers are (known
+    dtypes, sane shapes, offsets that cover exactly dtype × shape bytes) before a merge reads any tensor."""
+    from pathlib import Path
+
+    from compose.merge.shards import read_layout
+    from zoo.formats.safetensors_header import read_safetensors_header
+
+    base = Path(base)
+    for shard in read_layout(base).shards:  # the index's names are checked to lie in `base`
+        if (base / shard).is_file():
+            read_safetensors_header(base / shard)
 
 
 def merge_adapters(

@@ -24,6 +24,7 @@ from zoo.errors import ZooError
 from zoo.locks import wait_for
 from zoo.manifest import CompositionManifest, Manifest, MemberRef, Source, validation_message
 from zoo.paths import is_url
+from zoo.refs import split_ref  # the one reference parser (re-exported: the backends import it from here)
 from zoo.store import fsync_dir
 
 LOCK_TIMEOUT_S = 60
@@ -31,16 +32,6 @@ LOCK_TIMEOUT_S = 60
 #: Called inside a write transaction, after the entry's row is in and before it commits (the link folder
 #: is made there, so a failure leaves neither row nor half an entry).
 BeforeCommit = Callable[[Manifest], None]
-
-
-def split_ref(ref: str) -> tuple[str, int | None]:
-    """'name' → (name, None); 'name@3' → (name, 3)."""
-    name, sep, version = ref.partition("@")
-    if not sep:
-        return name, None
-    if not version.isdigit():
-        raise ZooError(f"invalid reference {ref!r}", "use NAME or NAME@VERSION with a whole-number version")
-    return name, int(version)
 
 
 # --- the rules every backend applies -------------------------------------------------------------------------

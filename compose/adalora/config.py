@@ -7,20 +7,22 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from compose.errors import CompositionError
+from compose.lora.config import MAX_ALPHA
+from compose.targets import check_regexes
 
 
 class AdaLoraConfig(BaseModel):
     """One AdaLoRA adapter's hyper-parameters: what ΔW = B·(E⊙A)·s/(ranknum + 1e-5) needs besides the tensors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["adalora"] = "adalora"
     init_r: PositiveInt = Field(12, description="Rank every module starts with before pruning; also the ranknum each kept module divides by.")
     target_r: int = Field(8, description="The average rank the budget allocator pruned towards (informational).")
-    lora_alpha: float = Field(8, description="s in the scaling s/(ranknum + 1e-5); when <= 0, PEFT uses the module's rank instead.")
+    lora_alpha: float = Field(8, ge=-MAX_ALPHA, le=MAX_ALPHA, description="s in the scaling s/(ranknum + 1e-5); when <= 0, PEFT uses the module's rank instead.")
     rank_pattern: dict[str, list[bool]] | None = Field(
         None, description="Pruning masks over the init_r singular values, keyed '<module>.lora_E'; the saved tensors hold the kept rows only."
     )
@@ -33,6 +35,11 @@ class AdaLoraConfig(BaseModel):
     use_rslora: bool = Field(False, description="Ignored by AdaLoRA.")
     lora_bias: bool = Field(False, description="Ignored by AdaLoRA.")
     use_dora: Literal[False] = Field(False, description="AdaLoRA has no DoRA variant (PEFT refuses it).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_compile(cls, value):
+        return check_regexes(value, "target_modules")
 
     def masks(self) -> dict[str, list[bool]]:
         """`rank_pattern` keyed by module path: '<module>.lora_E' (or '<module>.lora_E.<adapter>', as PEFT holds it while training) → mask.

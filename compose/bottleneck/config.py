@@ -32,7 +32,7 @@ class BottleneckConfig(BaseModel):
     its output to h instead.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["bottleneck"] = "bottleneck"
     mh_adapter: bool = Field(False, description="An adapter after each layer's self-attention.")

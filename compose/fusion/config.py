@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class FusionConfig(BaseModel):
     """Which adapters a fusion attends over, and how it is trained."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["attention"] = "attention"
     members: list[str] = Field(min_length=1, description="Adapter names, in order (the order of fusion_attention and of saved records).")

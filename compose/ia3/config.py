@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compose.errors import CompositionError
+from compose.targets import check_regexes
 
 
 class IA3Config(BaseModel):
     """One (IA)³ adapter: which modules it rescales, and which of them scale their input rather than their output."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["ia3"] = "ia3"
     target_modules: list[str] | str = Field(default_factory=list, description="Module-name suffixes, or one regex, that (IA)³ targets.")
@@ -22,6 +23,11 @@ class IA3Config(BaseModel):
     )
     fan_in_fan_out: bool = Field(False, description="The base stores weights as (in, out), as GPT-2's Conv1D does (the engine reads it off the module).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules stored as full trained copies (e.g. a classifier head).")
+
+    @field_validator("target_modules", "feedforward_modules")
+    @classmethod
+    def _patterns_compile(cls, value, info):
+        return check_regexes(value, info.field_name)
 
     def is_feedforward(self, module_name: str) -> bool:
         """Whether the vector at `module_name` scales the module's input, with PEFT's matching: a regex must

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from compose.errors import CompositionError
+from compose.lora.lowrank import factor_svd, split_factors
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -107,15 +108,12 @@ def combine(
     elif method == "svd":
         # Σ wᵢsᵢBᵢAᵢ = B'·A' with B' = [w₁s₁B₁ …] (out×R₀), A' = [A₁; …] (R₀×in). With B' = Q_B·R_B and
         # A'ᵀ = Q_A·R_A it is Q_B·(R_B·R_Aᵀ)·Q_Aᵀ: the SVD of the R₀×R₀ core, rotated out, is the SVD of the sum.
-        Q_B, R_B = torch.linalg.qr(torch.cat([b * w for b, w in zip(Bs, ws)], dim=1))
-        Q_A, R_A = torch.linalg.qr(torch.cat(As).T)
-        A, B = _truncate(*torch.linalg.svd(R_B @ R_A.T, full_matrices=False), rank)
-        A, B = A @ Q_A.T, Q_B @ B
+        A, B = split_factors(*factor_svd(torch.cat([b * w for b, w in zip(Bs, ws)], dim=1), torch.cat(As)), rank)
     else:  # elementwise masks on the dense deltas, then PEFT's dense SVD
         deltas = [(b @ a) * f.scaling for a, b, f in zip(As, Bs, factors)]
         weight = torch.tensor(weights, dtype=work, device=deltas[0].device)
         delta = _merge(deltas, weight, method.removesuffix("_svd"), density, majority_sign_method, generator)
-        A, B = _truncate(*torch.linalg.svd(delta, full_matrices=False), rank)
+        A, B = split_factors(*torch.linalg.svd(delta, full_matrices=False), rank)
 
     if clamp is not None:
         A, B = clamp_factors(A, B, clamp)
@@ -136,15 +134,6 @@ def clamp_factors(A: torch.Tensor, B: torch.Tensor, quantile: float) -> tuple[to
     """
     h = torch.quantile(torch.cat([B.flatten(), A.flatten()]), quantile)
     return A.clamp(-h, h), B.clamp(-h, h)
-
-
-def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`rank` components as (A, B) = (Vh, U·diag(S)), zero-padded where the SVD has fewer."""
-    k = min(rank, S.numel())
-    A = Vh.new_zeros(rank, Vh.shape[1])
-    B = U.new_zeros(U.shape[0], rank)
-    A[:k], B[:, :k] = Vh[:k], U[:, :k] * S[:k]
-    return A, B
 
 
 def _merge(

@@ -18,7 +18,7 @@ class MamConfig(BaseModel):
     """One MAM adapter. AdapterHub's defaults: a 30-token prefix (trained through an 800-wide MLP, saved as that MLP
     and imported as its output) and `par_bn` (reduction 2, scaling 4) after the feed-forward block."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["mam"] = "mam"
     prefix: PrefixConfig = Field(description="The prefix half; AdapterHub's real tokens keep positions from 0 (position_offset=False).")

@@ -36,7 +36,7 @@ from torch import nn
 from compose.durable import fsync_dir, fsync_file, held_temp_dir, sweep
 from compose.errors import CompositionError
 from compose.merge.report import MergeReport, ModuleReport, QuantError
-from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_layout
+from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_json, read_layout
 
 CONFIG_NAME = "config.json"
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -119,9 +119,10 @@ def merge_checkpoint(
             raise CompositionError(f"unknown dtype {dtype!r}; use one of {', '.join(FLOAT_DTYPES)}")
         dtype = getattr(torch, dtype)
     layout = read_layout(base_dir)
-    config = json.loads((base_dir / CONFIG_NAME).read_text()) if (base_dir / CONFIG_NAME).is_file() else {}
+    config = read_json(base_dir / CONFIG_NAME) if (base_dir / CONFIG_NAME).is_file() else {}
     if "quantization_config" in config:
-        raise CompositionError(f"{base_dir} is already quantized ({config['quantization_config'].get('quant_method')}); merge into its full-precision base, naming the quantization (--quantize / quantize=)")
+        method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
+        raise CompositionError(f"{base_dir} is already quantized ({method}); merge into its full-precision base, naming the quantization (--quantize / quantize=)")
     shapes = _shapes(base_dir, layout.shards)
     conv1d, quantized, tied = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
     targets = _targets(deltas, weights or {}, shapes, conv1d, tied, quantize)
@@ -179,6 +180,13 @@ def merge_checkpoint(
     return report
 
 
+def _check_finite(key: str, tensor: torch.Tensor, cause: str) -> torch.Tensor:
+    """`tensor` if it holds no NaN or ±Inf, else a `CompositionError`: a merge never writes them."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CompositionError(f"merging '{key}' gives NaN or ±Inf: {cause}; nothing was written")
+    return tensor
+
+
 def _merge_tensor(
     key: str, weight: torch.Tensor, terms: list | None, dtype: torch.dtype | None, conv1d: bool,
     method: str | None, dequantize: bool, double_quant: bool,
@@ -189,11 +197,14 @@ def _merge_tensor(
     Full precision: W + ΔW in fp32, cast to `dtype` once. Quantized: W is cast to `dtype` first, as
     transformers loads it before quantizing. `weight` is consumed (merged in place when fp32)."""
     dtype = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
+    _check_finite(key, weight, "the base checkpoint holds them")
+    too_narrow = f"its values do not fit {str(dtype).removeprefix('torch.')} (fp16 stops at 65504): merge to bf16 or fp32"
+    overflow = "the adapters' deltas overflow fp32 (check lora_alpha and the adapter's values)"
     if method is None:
         if terms is None:
-            return {key: weight.to(dtype)}, None
-        exact = _add_deltas(weight.float(), terms)
-        out = exact.to(dtype)
+            return {key: _check_finite(key, weight.to(dtype), too_narrow)}, None
+        exact = _check_finite(key, _add_deltas(weight.float(), terms), overflow)
+        out = _check_finite(key, exact.to(dtype), too_narrow)
         return {key: out}, QuantError.between(out, exact)
     bnb = _bnb()
     weight = weight.to(dtype)
@@ -202,9 +213,9 @@ def _merge_tensor(
     module = key.removesuffix(".weight")
     if terms is None and not dequantize:
         return bnb.serialized(module, data, state), None
-    exact = _add_deltas(oriented(bnb.dequantize(data, state)).float(), terms or [])
+    exact = _check_finite(key, _add_deltas(oriented(bnb.dequantize(data, state)).float(), terms or []), overflow)
     if dequantize:
-        out = exact.to(weight.dtype)
+        out = _check_finite(key, exact.to(weight.dtype), too_narrow)
         return {key: out}, None if terms is None else QuantError.between(out, exact)
     data, state = bnb.quantize(oriented(exact.to(weight.dtype)), method, double_quant)
     return bnb.serialized(module, data, state), QuantError.between(oriented(bnb.dequantize(data, state)), exact)
@@ -285,12 +296,18 @@ def _meta_model(config: dict) -> nn.Module | None:
     import transformers
     from transformers import CONFIG_MAPPING, AutoModel
 
-    if config["model_type"] not in CONFIG_MAPPING:
+    if not isinstance(config["model_type"], str) or config["model_type"] not in CONFIG_MAPPING:
         return None
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-    model_class = getattr(transformers, (config.get("architectures") or [""])[0], None)
-    with torch.device("meta"):
-        return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    architectures = config.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else ""
+    model_class = getattr(transformers, name, None)
+    try:
+        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        with torch.device("meta"):
+            return model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    except Exception as e:  # noqa: BLE001 — the config is input: transformers' checks raise TypeError, ValueError, its own dataclass errors, ...
+        raise CompositionError(f"{CONFIG_NAME}: transformers cannot build the {config['model_type']} model it describes "
+                               f"({type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0][:200]}); fix or re-download it") from None
 
 
 class _Target(NamedTuple):

@@ -10,6 +10,7 @@ safetensors' own writer uses so that every tensor starts aligned (the format all
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import tempfile
@@ -48,16 +49,61 @@ def read_layout(folder: Path) -> Layout:
         CompositionError: neither file is there.
     """
     if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return Layout(sorted(set(index["weight_map"].values())), index)
+        index = read_json(folder / INDEX_NAME)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CompositionError(f"{folder / INDEX_NAME}: 'weight_map' must map tensor names to shard file names; re-download the checkpoint")
+        if not isinstance(index.get("metadata", {}), dict):
+            raise CompositionError(f"{folder / INDEX_NAME}: 'metadata' must be an object; re-download the checkpoint")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            _check_shard_name(folder, shard)
+        return Layout(shards, index)
     if (folder / WEIGHTS_NAME).is_file():
         return Layout([WEIGHTS_NAME], None)
     raise CompositionError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; save the base with save_pretrained(safe_serialization=True)")
 
 
+def read_json(path: Path, max_bytes: int = 64 << 20) -> dict:
+    """A checkpoint's JSON object (config.json, the shard index), with a one-line error for anything else."""
+    if path.stat().st_size > max_bytes:
+        raise CompositionError(f"{path} is {path.stat().st_size:,} bytes, over the {max_bytes:,} a checkpoint's JSON file may be")
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CompositionError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise CompositionError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _check_shard_name(folder: Path, name: str) -> None:
+    """A shard the index names must be a file of `folder` itself: an absolute path, '..' or a link out of the
+    folder would make a merge read (and a merge into the base folder's neighbour rewrite) some other file."""
+    path = folder / name
+    inside = path.resolve().parent == folder.resolve() if path.exists() or path.is_symlink() else True
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not inside:
+        raise CompositionError(f"{folder / INDEX_NAME} names shard {name!r}, which is not a file of {folder}; a shard index names files beside it")
+
+
 def is_weight_file(name: str) -> bool:
     """Files that hold a model's weights in some format (never copied next to merged weights)."""
     return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")) or name.endswith(".index.json")
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more by its own mmap, so a freed tensor goes back to the
+    OS at once. By default glibc raises that threshold after the first large free (up to 32 MiB), and later
+    tensors come from the heap, whose freed holes it keeps: a walk that reads a tensor pair per module then
+    grows its RSS by about a tensor per module. A no-op where the C library has no `mallopt` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also turns the dynamic threshold off
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 class ShardReader:
@@ -67,7 +113,10 @@ class ShardReader:
 
     def __init__(self, path: Path):
         self.path, self._file = path, open(path, "rb", buffering=0)
-        size = struct.unpack("<Q", self._file.read(8))[0]
+        size = struct.unpack("<Q", self._file.read(8).ljust(8, b"\xff"))[0]
+        if 8 + size > path.stat().st_size:
+            self._file.close()
+            raise CompositionError(f"{path}: header length {size} runs past the end of the file; re-download the checkpoint")
         header = json.loads(self._file.read(size))
         self.metadata: dict[str, str] | None = header.pop("__metadata__", None)
         self._entries, self._data_start = header, 8 + size
@@ -87,7 +136,13 @@ class ShardReader:
     def get_tensor(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]])
+        if entry["dtype"] not in _TORCH_DTYPES:
+            raise CompositionError(f"{self.path}: tensor '{key}' has dtype {entry['dtype']}, which a merge does not handle")
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        needed = math.prod(entry["shape"]) * dtype.itemsize
+        if needed != end - start:  # else the bytes not read would be written out as they were: uninitialised memory
+            raise CompositionError(f"{self.path}: tensor '{key}' spans {end - start} bytes, its shape and dtype need {needed}; re-download the checkpoint")
+        tensor = torch.empty(entry["shape"], dtype=dtype)
         buffer, done = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
         self._file.seek(self._data_start + start)
         while done < end - start:  # raw reads may return less than asked

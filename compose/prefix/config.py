@@ -19,7 +19,7 @@ class PrefixConfig(BaseModel):
     For grouped-query attention PEFT stores the KV heads: token_dim = kv_heads·head_dim.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["prefix"] = "prefix"
     num_virtual_tokens: PositiveInt = Field(description="T: virtual tokens per layer.")

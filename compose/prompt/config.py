@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 class PromptConfig(BaseModel):
     """One soft prompt: T virtual token embeddings prepended to the input's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["prompt", "ptuning"] = Field("prompt", description="'prompt' (prompt tuning) or 'ptuning' (P-tuning).")
     num_virtual_tokens: PositiveInt = Field(description="T: virtual tokens prepended.")

@@ -80,12 +80,14 @@ def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Pa
     raw = peft_format.read_json_config(folder / peft_format.CONFIG_NAME)
     fmt = config_format(raw)
     if fmt == "peft":
-        config, unknown = peft_format.config_from_peft(raw, where=str(folder / peft_format.CONFIG_NAME))
+        where = folder / peft_format.CONFIG_NAME
+        config, unknown = peft_format.config_from_peft(raw, where=str(where))
+        auto_mapping = _text_or_none(raw, "auto_mapping", where, dict) or {}
         base = BaseModelRef(
-            name_or_path=raw.get("base_model_name_or_path"), revision=raw.get("revision"),
-            architecture=(raw.get("auto_mapping") or {}).get("base_model_class"),
+            name_or_path=_text_or_none(raw, "base_model_name_or_path", where), revision=_text_or_none(raw, "revision", where),
+            architecture=_text_or_none(auto_mapping, "base_model_class", where),
         )
-        task_type = raw.get("task_type")
+        task_type = _text_or_none(raw, "task_type", where)
     else:
         from zoo.formats.adapterhub import read_adapterhub_adapter
 
@@ -110,6 +112,15 @@ def read_adapter_folder(folder: Path, *, allow_pickle: bool = False, workdir: Pa
     return AdapterFolder(fmt, config, raw, unknown, weights, base, task_type, converted, folder / peft_format.CONFIG_NAME)
 
 
+def _text_or_none(raw: dict[str, Any], key: str, where: Path, kind: type = str) -> Any:
+    """`raw[key]` when it is a `kind` (a string by default) or absent/null; a one-line error otherwise."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, kind):
+        expected = {str: "a string", dict: "an object"}[kind]
+        raise ZooError(f"{where}: {key} is {value!r:.80}, not {expected}", f"fix {key} in {where.name} (or remove it)")
+    return value
+
+
 def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One name per tensor: AdapterHub pickles name some tensors twice or once per layer (its shared prefix
     pool, a LayerNorm under `ln_before`), which safetensors refuses; the first name in sorted order is kept."""
@@ -128,11 +139,11 @@ def load_adapter_state(folder: Path, config: MethodConfig, fmt: Format, *, allow
     if fmt == "adapterhub":
         from zoo.formats.adapterhub import read_adapterhub_adapter
 
-        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=_attention_layout(config))[1]
+        return read_adapterhub_adapter(folder, allow_pickle=allow_pickle, model_config=attention_layout(config))[1]
     return peft_format.strip_prefix(peft_format.load_state(peft_format.weights_file(folder, allow_pickle)))
 
 
-def _attention_layout(config: MethodConfig) -> dict | None:
+def attention_layout(config: MethodConfig) -> dict | None:
     """The part of a base config that AdapterHub's prefix import needs, from a prefix already imported once."""
     prefix = config if config.method == "prefix" else getattr(config, "prefix", None)
     if prefix is None:

@@ -8,6 +8,7 @@ model, so this module strips (and, when writing, restores) that prefix.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,14 +76,26 @@ def read_json_config(path: Path, what: str = CONFIG_NAME) -> dict[str, Any]:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ZooError(f"{path} is {path.stat().st_size:,} bytes", f"{what} must be under {MAX_CONFIG_BYTES:,} bytes")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ZooError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # NaN, Infinity, 1e999: no JSON number, and the registry could not write them back
+        raise ZooError(f"{path}: {e}", f"write a finite number in {what}") from None
     except RecursionError:
         raise ZooError(f"{path} nests too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ZooError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    if not math.isfinite(value := float(text)):
+        raise ValueError(f"{text} overflows a 64-bit float")
+    return value
 
 
 def _is_unset(value: Any) -> bool:
@@ -211,12 +224,16 @@ def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a PEFT `.bin`, with `weights_only=True` (no code runs; only tensors are accepted)."""
     import torch
 
+    from zoo.formats.pickle_bounds import check_archive, check_tensors
+
+    check_archive(path)  # memory-mapped below: loading costs no more than the file's size
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError and friends: report, never execute
-        raise ZooError(f"{path} is not a weights-only pickle: {str(e).splitlines()[0]}") from None
+        raise ZooError(f"{path} is not a weights-only pickle: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ZooError(f"{path} does not hold a flat dict of tensors")
+    check_tensors(path, state)
     return state
 
 

@@ -28,6 +28,9 @@ DTYPE_BITS: dict[str, int] = {
 #: The same limit safetensors enforces: a larger header is a corrupt length prefix, not a real header.
 MAX_HEADER_BYTES = 100_000_000
 
+#: The largest element count or size safetensors computes (a usize, checked on every multiplication).
+MAX_COUNT = 2**64 - 1
+
 _HINT = "the file is not a valid safetensors file (truncated download or a different format?); re-download or re-save it"
 
 
@@ -119,6 +122,8 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         raise fail("header is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise fail(f"header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except ValueError as e:  # an integer of more than 4,300 digits, which Python will not convert
+        raise fail(f"header is not valid JSON ({str(e).split(';')[0]})") from None
     except RecursionError:  # "[[[[...": no real header nests more than three levels
         raise fail("header nests too deeply") from None
     if not isinstance(header, dict):
@@ -169,8 +174,14 @@ def _tensor_info(name: str, info: object, data_bytes: int, fail) -> TensorInfo:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise fail(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end]")
     begin, end = offsets
-    numel = math.prod(shape)
+    numel = 1
+    for d in shape:  # as safetensors folds it: an overflow of 64 bits is an error even if a later dim is 0
+        numel *= d   # (and each product stays small, so a 40,000-dim shape costs 40,000 steps, not big-number math)
+        if numel > MAX_COUNT:
+            raise fail(f"tensor {name!r} has shape of {len(shape)} dims whose product overflows 64 bits")
     bits = numel * DTYPE_BITS[dtype]
+    if bits > MAX_COUNT:
+        raise fail(f"tensor {name!r} ({dtype}, {numel} elements) overflows 64 bits of size")
     if bits % 8:
         raise fail(f"tensor {name!r} ({dtype} {shape}) does not fill a whole number of bytes")
     if end - begin != bits // 8:
