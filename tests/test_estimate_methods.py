@@ -281,7 +281,7 @@ def test_bad_requests_fail_with_one_line(bases):
         (dict(method="ia3", targets=["self_attn"], feedforward=[]), r"matches model.layers.0.self_attn \(LlamaAttention\); estimate sizes ia3"),
         (dict(method="bottleneck", variant="compacter"), "unknown bottleneck variant 'compacter'"),
         (dict(method="bottleneck", sites=["mlp"]), r"sites \['mlp'\] are not distinct names"),
-        (dict(method="bottleneck", reduction_factor=0), "reduction_factor must be positive"),
+        (dict(method="bottleneck", reduction_factor=0), "reduction_factor must be a positive"),
         (dict(method="ptuning", num_virtual_tokens=2, encoder_type="GRU"), "unknown P-tuning encoder 'GRU'"),
         (dict(method="ptuning", num_virtual_tokens=2, encoder_num_layers=3), "fixed depth"),
         (dict(method="vera"), "does not know method 'vera'"),
