@@ -257,6 +257,9 @@ def test_add_of_changed_files_makes_the_next_version(llama, zoo_cli, tmp_path):
     assert code == 0 and out.startswith("added sql@2: lora r=4"), err
     assert [m.ref for m in zoo.list_adapters()] == ["sql@1", "sql@2"] and zoo.show("sql").version == 2
     assert zoo.show("sql@1").weights.sha256 != zoo.show("sql@2").weights.sha256
+    retrained = tmp_path / "checkpoint-1000"  # saved elsewhere, added under the same name: its next version
+    make_peft_adapter(tiny_llama(), retrained, seed=8, r=4, target_modules=["q_proj", "v_proj"])
+    assert zoo_cli("add", retrained, "--name", "sql")[1].startswith("added sql@3: lora r=4")
     zoo.add(b, name="b")
     zoo.compose("sql+b", fusion="stack", name="both")
     code, _, err = zoo_cli("add", folder, "--name", "both")  # a composition's name: another kind of entry

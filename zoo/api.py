@@ -112,8 +112,8 @@ def add(
     """Import an adapter folder (written by PEFT or AdapterHub) into the store and register it.
 
     Sizes, ranks and hashes are measured from the files. A name that exists takes changed files from the same
-    folder as its next version (`name@2`); the same files as its latest version change nothing and return it;
-    a name that came from elsewhere is refused.
+    folder, or from another local folder, as its next version (`name@2`); the same files as its latest version
+    change nothing and return it; a name pulled from the Hub or made by `compose` is refused.
 
     Example:
         >>> zoo.add("outputs/checkpoint-500", name="llama-sql", task="text-to-sql")  # doctest: +SKIP

@@ -38,8 +38,11 @@ BeforeCommit = Callable[[Manifest], None]
 
 
 def same_origin(a: Source, b: Source) -> bool:
-    """Versions of one thing: the same Hub repo or the same local folder (never two compositions)."""
-    return a.kind != "composition" and (a.kind, a.repo_id, a.path) == (b.kind, b.repo_id, b.path)
+    """Versions of one thing: the same Hub repo, or local folders (a retrained adapter is often saved to a new
+    checkpoint folder); never two compositions, never a Hub repo and a local folder."""
+    if a.kind != b.kind or a.kind == "composition":
+        return False
+    return a.kind == "local" or a.repo_id == b.repo_id
 
 
 def next_version(manifest: Manifest, same: list[Manifest], new_version_of_same_source: bool) -> int:
