@@ -155,9 +155,22 @@ def test_blobs_read_from_a_shared_store_are_hash_checked(tmp_path, monkeypatch):
         zoo.api.adapter_folder(m)
 
 
-def test_gc_refuses_a_shared_store_without_the_team_registry(tmp_path, monkeypatch, zoo_cli):
-    monkeypatch.setenv("ZOO_STORE", str(tmp_path / "nas"))
-    one_line_error(*zoo_cli("gc")[::2], "is shared (ZOO_STORE)")
+def test_gc_keeps_what_any_registry_of_the_store_names_and_refuses_on_doubt(tmp_path, zoo_cli):
+    a = zoo.add(write_adapter(tmp_path / "a", 1), name="a")  # the default registry
+    other = tmp_path / "other.json"
+    b = zoo.add(write_adapter(tmp_path / "b", 2), name="b", registry=other)  # another registry, the same store
+    blobs = Path(os.environ["ZOO_HOME"]) / "blobs" / "sha256"
+    everything = sorted(p.name for p in blobs.iterdir())
+    one_line_error(*zoo_cli("gc", "--yes", "--registry", str(tmp_path / "typo.db"))[::2], "has never written to the store")
+    one_line_error(*zoo_cli("gc", "--yes", "--registry", "registry.json")[::2], "has never written to the store")
+    for registry in (None, str(other)):
+        code, out, err = zoo_cli("gc", "--yes", *(["--registry", registry] if registry else []))
+        assert code == 0 and "freed 0 B (0 blob(s))" in out, out + err  # each registry keeps the other's blobs
+    assert sorted(p.name for p in blobs.iterdir()) == everything
+    other.rename(tmp_path / "moved.json")  # a registry that cannot be read: nothing is deleted
+    zoo.remove("a")
+    one_line_error(*zoo_cli("gc", "--yes")[::2], "also used by registry")
+    assert sorted(p.name for p in blobs.iterdir()) == everything and a.weights.sha256 != b.weights.sha256
 
 
 # --- what a failure leaves ------------------------------------------------------------------------------------

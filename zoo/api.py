@@ -254,7 +254,7 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
     A composition's members must be registered with the weights it pinned. Blobs, then the folder of links,
     then the registry row, which commits last: the row never names a folder or a blob that is not there, and
     a failure before the commit leaves no entry (the folder is taken back)."""
-    from zoo.gc import adding
+    from zoo.gc import adding, registry_record, remember_registry
 
     store, linked = open_store(), []
 
@@ -264,7 +264,9 @@ def register(manifest: Manifest, *, new_version_of_same_source: bool = False, re
 
     try:
         with adding(store), _deferred_signals():
-            return open_registry(registry).add(manifest, new_version_of_same_source=new_version_of_same_source, before_commit=link)
+            reg = open_registry(registry)
+            remember_registry(store, registry_record(reg.identity, reg.is_file))
+            return reg.add(manifest, new_version_of_same_source=new_version_of_same_source, before_commit=link)
     except BaseException as e:
         for m in linked:
             store.drop_adapter_dir(m)
@@ -358,22 +360,17 @@ def verify(ref: str | None = None, *, registry: PathLike | None = None) -> list[
 def gc(*, delete: bool = False, registry: PathLike | None = None) -> list[Garbage]:
     """The store's blobs no registry entry names (what `zoo remove` left behind), deleted when `delete`.
 
-    Safe against concurrent adds (see `zoo.gc`). On a shared store (`ZOO_STORE`) only the team's PostgreSQL
-    registry knows every blob in use: gc refuses any other.
+    Safe against concurrent adds (see `zoo.gc`). Keeps what any registry that ever wrote to the store names
+    (a shared `ZOO_STORE` too); refuses, deleting nothing, if one of them cannot be read here or if `registry`
+    never wrote to the store.
 
     Example:
         >>> sum(g.size for g in zoo.api.gc())  # bytes a `zoo gc --yes` would free  # doctest: +SKIP
     """
-    from zoo.gc import collect_garbage
-    from zoo.paths import store_is_shared
+    from zoo.gc import collect_garbage, named_by_every_registry
 
     reg, store = open_registry(registry), open_store()
-    if store_is_shared() and not reg.location.startswith("postgresql"):
-        raise ZooError(
-            f"the store {store.root} is shared (ZOO_STORE): registry {reg.location} does not know every blob in it",
-            "run `zoo gc` with ZOO_REGISTRY set to the team's postgresql:// registry",
-        )
-    return collect_garbage(reg.blob_hashes, store, delete=delete)
+    return collect_garbage(lambda: named_by_every_registry(reg, store), store, delete=delete)
 
 
 def schema() -> dict:

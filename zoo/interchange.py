@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zoo.api import PathLike, _source_path, open_registry, open_store
 from zoo.errors import ZooError
-from zoo.gc import adding
+from zoo.gc import adding, registry_record, remember_registry
 from zoo.manifest import Manifest
 from zoo.registry import Registry, RegistryBackend, write_registry_file
 from zoo.store import Store
@@ -83,6 +83,7 @@ def import_registry(path: PathLike, *, registry: PathLike | None = None, progres
     reg, store = open_registry(registry), open_store()
     report = ImportReport()
     with adding(store), tempfile.TemporaryDirectory() as work:
+        remember_registry(store, registry_record(reg.identity, reg.is_file))
         ready: list[Manifest] = []
         checked: dict[str, str | None] = {}  # sha256 → None (in the store, verified) or why not
         for m in _progress(manifests, progress, "fetching blobs"):

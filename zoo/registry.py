@@ -91,6 +91,10 @@ class RegistryBackend:
     location: str
     #: The folder relative local source paths are relative to (None: every recorded path is absolute).
     folder: Path | None
+    #: A location that opens this very registry again, without any password (recorded in the store, see `zoo.gc`).
+    identity: str
+    #: Whether it is a file on this machine (not a database server).
+    is_file: bool = True
 
     def read(self) -> list[Manifest]:
         """All manifests, in the order they were added."""
@@ -253,6 +257,7 @@ class Registry(RegistryBackend):
         self.path = Path(path)
         self.location = str(self.path)
         self.folder = self.path.parent
+        self.identity = str(self.path.absolute())
 
     def read(self) -> list[Manifest]:
         return read_registry_file(self.path)

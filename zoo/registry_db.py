@@ -152,6 +152,8 @@ class DbRegistry(RegistryBackend):
         self.url, self.location, self.folder, self.path = url, location, folder, path
         self.engine = _engine(url)
         self.sqlite = url.startswith("sqlite")
+        self.is_file = self.sqlite
+        self.identity = url if self.sqlite else make_url(url).set(drivername="postgresql", password=None).render_as_string(hide_password=False)
 
     @classmethod
     def open(cls, location: str) -> DbRegistry:
