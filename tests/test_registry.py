@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import pickle
 import shutil
 import zipfile
@@ -205,3 +206,28 @@ def test_concurrent_adds_all_land(peft_adapter, tmp_path):
         pool.map(_add_many, [(peft_adapter, registry, home, w, 5) for w in range(4)])
     names = {m.name for m in zoo.list_adapters(registry=registry)}
     assert names == {f"w{w}-{i}" for w in range(4) for i in range(5)}
+
+
+@pytest.mark.parametrize(
+    "location, expected",
+    [
+        ("postgresql:/u@h/db", "invalid registry URL"),
+        ("postgresql:user@h/db", "invalid registry URL"),
+        ("postgresql+psycopg2://u@h/db", "invalid registry URL"),
+        ("mysql://u@h/db", "invalid registry URL"),
+        (" postgresql://u@h/db", "starts or ends with a space"),
+        ("reg.db ", "starts or ends with a space"),
+        ("-", "invalid registry '-'"),
+        ("  ", "invalid registry"),
+        (":memory:", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+        ("no/such/folder/reg.db", "does not exist"),
+        ("fifo.json", "not a regular file"),
+    ],
+)
+def test_a_registry_location_that_cannot_be_one_is_refused_in_one_line(location, expected, tmp_path, monkeypatch, zoo_cli):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "fifo.json")
+    code, _, err = zoo_cli("list", "--registry", location)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "zoo-home") == ["fifo.json"]  # no `postgresql:` folder, nothing made
