@@ -395,3 +395,21 @@ def test_writers_killed_at_random_moments_lose_nothing_committed_on_postgresql(p
         assert [r.problem for r in zoo.verify()] == [None] * (2 * len(names))
         assert zoo.add(write_adapter(home.parent / "after", 0), name="after").ref == "after@1"
     assert after_a_commit >= 5  # the kills landed after real work
+
+
+def test_a_postgresql_server_that_never_answers_fails_in_one_line_within_seconds_and_hides_passwords(monkeypatch, zoo_cli):
+    import socket
+
+    import zoo.registry_db
+
+    monkeypatch.setattr(zoo.registry_db, "CONNECT_TIMEOUT_S", 1)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections; nobody ever answers
+    port = silent.getsockname()[1]
+    start = time.monotonic()
+    code, _, err = zoo_cli("list", "--registry", f"postgresql://u:secret1@127.0.0.1:{port}/db?password=secret2")
+    silent.close()
+    assert time.monotonic() - start < 20
+    one_line_error(code, err, f"127.0.0.1:{port}")
+    assert "secret" not in err, err

@@ -97,6 +97,7 @@ RETRIES = 20
 
 # --- engines: one per database per process -------------------------------------------------------------------------
 
+CONNECT_TIMEOUT_S = 5
 _engines: dict[str, Engine] = {}
 _ready: set[str] = set()
 
@@ -122,7 +123,8 @@ def _engine(url: str) -> Engine:
             engine = create_engine(url, isolation_level="AUTOCOMMIT")
             event.listen(engine, "connect", _sqlite_connect)
         else:
-            engine = create_engine(url, pool_size=2, max_overflow=2)
+            # a server that accepts but never answers fails within seconds, not at the OS's TCP timeout
+            engine = create_engine(url, pool_size=2, max_overflow=2, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
         _engines[url] = engine
     return engine
 
@@ -153,7 +155,7 @@ class DbRegistry(RegistryBackend):
         self.engine = _engine(url)
         self.sqlite = url.startswith("sqlite")
         self.is_file = self.sqlite
-        self.identity = url if self.sqlite else make_url(url).set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+        self.identity = url if self.sqlite else make_url(url).difference_update_query(["password"]).set(drivername="postgresql", password=None).render_as_string(hide_password=False)
 
     @classmethod
     def open(cls, location: str) -> DbRegistry:
@@ -162,7 +164,10 @@ class DbRegistry(RegistryBackend):
         if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
             url = "postgresql+psycopg://" + location.split("://", 1)[1]
             try:
-                shown = make_url(url).set(drivername="postgresql").render_as_string(hide_password=True)
+                parsed = make_url(url)
+                # a password in the query string (?password=…) is hidden like user:pw@'s
+                shown = parsed.update_query_dict({"password": "***"}) if "password" in parsed.query else parsed
+                shown = shown.set(drivername="postgresql").render_as_string(hide_password=True)
             except exc.ArgumentError:
                 raise ZooError(f"invalid registry URL {location!r}", "write postgresql://user@host:port/db") from None
             registry = cls(url, shown, None, None)
