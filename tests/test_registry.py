@@ -231,3 +231,15 @@ def test_a_registry_location_that_cannot_be_one_is_refused_in_one_line(location,
     code, _, err = zoo_cli("list", "--registry", location)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "zoo-home") == ["fifo.json"]  # no `postgresql:` folder, nothing made
+
+
+def test_versions_task_and_tags_are_bounded_in_one_line(peft_adapter):
+    for fields, expected in [({"task": "t" * 1001}, "task"), ({"tags": [f"t{i}" for i in range(65)]}, "tags"), ({"tags": ["x" * 101]}, "tags")]:
+        with pytest.raises(ZooError, match=expected) as e:
+            zoo.add(peft_adapter, name="tiny", **fields)
+        assert "\n" not in str(e.value)
+    entry = json.loads(zoo.add(peft_adapter, name="tiny").model_dump_json())
+    for version in (2**31, 2**63, True, "1"):
+        with pytest.raises(ZooError, match="version"):
+            parse_manifest({**entry, "version": version})
+    assert zoo.list_adapters() and zoo.show("tiny").version == 1

@@ -162,11 +162,17 @@ class FileEntry(_Strict):
         return v
 
 
+#: Versions fit a 32-bit signed integer (every backend's column, every JSON reader).
+MAX_VERSION = 2**31 - 1
+#: Free-text labels stay labels: `zoo list` shows them and filters on them.
+MAX_TASK_CHARS, MAX_TAGS, MAX_TAG_CHARS = 1000, 64, 100
+
+
 class MemberRef(_Strict):
     """One adapter inside a composition, pinned by version and by its weights' sha256."""
 
     name: AdapterName
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION, strict=True)
     sha256: str = Field(description="sha256 of the member's weights file when the composition was made.")
 
 
@@ -189,13 +195,13 @@ class _Entry(_Strict):
 
     schema_version: Literal[1] = 1
     name: AdapterName
-    version: int = Field(1, ge=1)
+    version: int = Field(1, ge=1, le=MAX_VERSION, strict=True)  # strict: `true` or "1" is no version
     base_model: BaseModelRef = Field(default_factory=BaseModelRef)
     size: SizeInfo
     files: list[FileEntry]
     source: Source
-    task: str | None = Field(None, description="What the adapter was trained for (free text, for `zoo list --task`).")
-    tags: list[str] = Field(default_factory=list)
+    task: str | None = Field(None, max_length=MAX_TASK_CHARS, description="What the adapter was trained for (free text, for `zoo list --task`).")
+    tags: list[Annotated[str, Field(max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=MAX_TAGS)
     license: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
 
