@@ -243,3 +243,16 @@ def test_versions_task_and_tags_are_bounded_in_one_line(peft_adapter):
         with pytest.raises(ZooError, match="version"):
             parse_manifest({**entry, "version": version})
     assert zoo.list_adapters() and zoo.show("tiny").version == 1
+
+
+def test_registry_files_respect_the_umask_and_keep_their_mode(peft_adapter, tmp_path):
+    path = tmp_path / "reg.json"
+    old = os.umask(0o022)
+    try:
+        zoo.add(peft_adapter, name="a", registry=path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        zoo.remove("a", registry=path)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -207,12 +207,23 @@ def manifest_line(m: Manifest) -> bytes:
     return known[1]
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a rewritten `path` keeps: its own if it exists, else what the umask allows of 0666."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_registry_file(path: Path, lines: Iterable[bytes]) -> int:
     """Write a registry file from entry lines, atomically (temp file, fsync, rename, directory fsync); returns
     how many entries it holds. Streams: 100,000 entries never sit in memory at once."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     count = 0
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600: a registry or an export is meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(HEAD)
             for line in lines:
