@@ -369,7 +369,18 @@ def inspect(
     from zoo.refs import is_path
 
     # a bare name is the registry entry, never a file of that name in the working directory (write ./NAME for that)
-    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if not is_path(adapter) else Path(adapter)
+    if is_path(adapter):
+        path = Path(adapter)
+    else:
+        m = api.lookup(adapter, registry=registry)
+        if m.kind == "composition":  # a stack or an AdapterFusion: its members hold the adapter weights
+            from zoo.errors import ZooError
+
+            members = [f"{r.name}@{r.version}" for r in m.members]
+            what = "an AdapterFusion" if m.fusion == "attention" else "a stack"
+            raise ZooError(f"{m.ref} is {what} of {len(members)} adapters ({', '.join(members)}), not one adapter",
+                           f"inspect a member, e.g. `zoo inspect {members[0]}`; `zoo show {m.ref}` describes the composition")
+        path = api.adapter_folder(m, registry=registry)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))

@@ -344,3 +344,13 @@ def test_readme_python_block_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert {"ab-weighted", "ab"} <= {m.name for m in zoo.list_adapters()} and (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_inspect_of_a_stack_or_fusion_names_its_members(llama, zoo_cli):
+    _, a, b = llama
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    zoo.compose("a+b", fusion="stack", name="ab")
+    code, out, err = zoo_cli("inspect", "ab")
+    assert code == 2 and out == "" and "adapter_model.safetensors" not in err
+    assert err == "error: ab@1 is a stack of 2 adapters (a@1, b@1), not one adapter — inspect a member, e.g. `zoo inspect a@1`; `zoo show ab@1` describes the composition\n"
