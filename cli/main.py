@@ -716,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernel_hub_notice)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_no_kernel_hub_notice)  # offline: "Skipping publisher trust check for 'kernels-community/…'"
+    # LLM.int8 computes in fp16 by design; bitsandbytes says so at every layer of every forward (448 lines for 32 tokens)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     from zoo.interrupts import Terminated, install
 
     install()  # SIGTERM / Ctrl-C unwind: what was being written is removed, a commit finishes first

@@ -303,6 +303,13 @@ def test_bitsandbytes_hub_kernel_notice_is_not_shown(zoo_cli, caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "untrusted")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # offline, the kernels package says it skipped the Hub's trust check
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
+    assert caplog.records == []
+    with warnings.catch_warnings(record=True) as caught:  # LLM.int8 at every layer of every forward
+        warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization")
+    assert caught == []
 
 
 # ---- item 6: --version, merged folders, the memory merge reports ----------------------------------------------
