@@ -217,6 +217,8 @@ def show(
 
     c = console()
     c.print(f"{m.ref}  {m.label}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}")
+    if arch := m.base_model.architecture or m.base_model.model_type:
+        c.print(f"architecture: {arch}" + (f" ({m.base_model.model_type})" if m.base_model.architecture and m.base_model.model_type else ""))
     if m.kind == "adapter":
         c.print(f"config: {m.method.model_dump(exclude_defaults=True)}  task_type={m.task_type or '-'}")
     else:
@@ -224,10 +226,11 @@ def show(
     if m.source.kind == "composition":
         c.print(f"composed from {', '.join(x.name for x in m.source.members)}: {m.source.recipe}")
     c.print(f"size: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}; source: {m.source.kind} {m.source.path or m.source.repo_id or ''}")
-    files = Table("file", "bytes", "sha256")
-    for f in m.files:
-        files.add_row(f.path, f"{f.size:,}", f.sha256)
-    c.print(files)
+    if m.files:  # a stack has none of its own
+        files = Table("file", "bytes", "sha256")
+        for f in m.files:
+            files.add_row(f.path, f"{f.size:,}", f.sha256)
+        c.print(files)
 
 
 @app.command()

@@ -61,6 +61,10 @@ def test_composition_keeps_the_members_architecture(llama, tmp_path, fusion, mem
     extra = dict(method="svd", rank=16) if fusion == "weighted" else {}
     ab = zoo.compose(members, fusion=fusion, name="ab", **extra)  # each field from the first member that has it
     assert ab.base_model.architecture == "LlamaForCausalLM"
+    from cli.main import app
+    from typer.testing import CliRunner
+
+    assert "architecture: LlamaForCausalLM" in CliRunner().invoke(app, ["show", "ab"]).output.splitlines()
     model = zoo.load(base, adapters=["ab"])
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model(token_ids()).logits.shape[-1] == 64
