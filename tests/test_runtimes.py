@@ -80,6 +80,34 @@ def test_gguf_export_has_the_converters_names_layout_values_and_metadata(llama, 
     assert not torch.equal(rope_interleaved(state["model.layers.0.self_attn.q_proj.lora_B.weight"], 4), state["model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
+def test_exports_never_replace_a_path_and_take_the_umasks_mode(llama, tmp_path, zoo_cli):
+    """--out that exists (file, FIFO, link) is refused, not replaced; files and folders get 0644 / 0755 under
+    umask 022 (not mkstemp's 0600); options of the other format are refused."""
+    import os
+    import stat
+
+    _, base, adapter = llama
+    zoo.add(adapter, name="lora")
+    (tmp_path / "kept.gguf").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "nowhere")
+    for taken in ("kept.gguf", "fifo", "link.gguf"):
+        code, _, err = zoo_cli("export", "lora", "--to", "gguf", "--base", base, "--out", tmp_path / taken)
+        assert code == 2 and "already exists" in err and err.count("\n") == 1, err
+    assert (tmp_path / "kept.gguf").read_text() == "mine" and (tmp_path / "link.gguf").is_symlink()
+    old = os.umask(0o022)
+    try:
+        assert zoo_cli("export", "lora", "--to", "gguf", "--base", base, "--out", tmp_path / "new.gguf")[0] == 0
+        assert zoo_cli("export", "lora", "--to", "peft", "--out", tmp_path / "peft")[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.gguf").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "peft").stat().st_mode) == 0o755
+    for option, value in (("--outtype", "f16"), ("--base", base)):
+        code, _, err = zoo_cli("export", "lora", "--to", "peft", option, value, "--out", tmp_path / "other")
+        assert code == 2 and f"{option} applies to --to gguf" in err and not (tmp_path / "other").exists()
+
+
 def test_gguf_q8_0_keeps_short_rows_in_f16_and_f16_rounds(llama, tmp_path):
     _, base, adapter = llama
     zoo.add(adapter, name="lora")

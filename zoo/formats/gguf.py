@@ -22,7 +22,7 @@ exactly what PEFT does.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,8 +153,13 @@ def write_lora_gguf(
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    while True:  # mkstemp's file would be 0600: a new file takes the umask's mode, as any export
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
