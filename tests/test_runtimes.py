@@ -108,6 +108,32 @@ def test_exports_never_replace_a_path_and_take_the_umasks_mode(llama, tmp_path, 
         assert code == 2 and f"{option} applies to --to gguf" in err and not (tmp_path / "other").exists()
 
 
+def test_non_finite_or_f16_overflowing_adapters_are_refused_in_one_line(tmp_path, zoo_cli):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    for case, value in (("nan", float("nan")), ("huge", 1e6)):
+        folder = make_peft_adapter(model, tmp_path / case, r=4, target_modules=["v_proj"])
+        state = load_file(folder / "adapter_model.safetensors")
+        key = next(k for k in state if k.endswith("lora_B.weight"))
+        state[key][0, 0] = value
+        save_file(state, folder / "adapter_model.safetensors")
+    zoo.add(tmp_path / "huge", name="huge")  # `zoo add` refuses the NaN one: a folder is checked and exported as it is
+    nan = str(tmp_path / "nan")
+    for runtime in ("vllm", "llama.cpp"):
+        assert {f.rule: f.status for f in zoo.check(nan, runtime=runtime, base=tmp_path / "base").findings}["finite"] == "refused"
+    for args in (["--to", "gguf", "--base", tmp_path / "base", "--out", tmp_path / "n.gguf"], ["--to", "peft", "--out", tmp_path / "n"],
+                 ["--to", "peft", "--rank", "2", "--out", tmp_path / "n"]):
+        code, _, err = zoo_cli("export", nan, *args)
+        assert code == 2 and "NaN" in err and err.count("\n") == 1, err
+    code, _, err = zoo_cli("resize", nan, "--rank", "2", "--name", "r")
+    assert code == 2 and "NaN" in err and err.count("\n") == 1, err
+    code, _, err = zoo_cli("export", "huge", "--to", "gguf", "--base", tmp_path / "base", "--outtype", "f16", "--out", tmp_path / "h.gguf")
+    assert code == 2 and "F16" in err and "--outtype f32" in err and err.count("\n") == 1 and not (tmp_path / "h.gguf").exists()
+    assert zoo_cli("export", "huge", "--to", "gguf", "--base", tmp_path / "base", "--out", tmp_path / "h.gguf")[0] == 0
+
+
 def test_gguf_q8_0_keeps_short_rows_in_f16_and_f16_rounds(llama, tmp_path):
     _, base, adapter = llama
     zoo.add(adapter, name="lora")

@@ -90,7 +90,17 @@ def check(adapter: str, *, runtime: str, base: PathLike | None = None, registry:
     report = CheckReport(adapter=adapter, runtime=runtime, base=None if base is None else str(base))
     rules = {"vllm": _vllm, "llama.cpp": _llama_cpp, "peft": _peft}[runtime]
     report.findings = rules(resolved, base)
+    bad = non_finite_tensor(resolved)
+    report.findings.append(Finding("finite", "refused", f"tensor {bad} holds NaN or ±Inf", "retrain or re-download the adapter")
+                           if bad else Finding("finite", "ok", "every weight is a finite number"))
     return report
+
+
+def non_finite_tensor(adapter: ResolvedAdapter) -> str | None:
+    """The name of the first of `adapter`'s floating-point tensors that holds NaN or ±Inf, None if none does."""
+    import torch
+
+    return next((k for k, v in sorted(adapter.state.items()) if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def one_adapter(ref: str, *, registry: PathLike | None = None) -> ResolvedAdapter:

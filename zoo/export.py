@@ -100,6 +100,7 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
         ZooError: non-LoRA methods, DoRA, modules_to_save, lora_bias (what vLLM refuses), `out` not empty.
     """
     from compose.durable import new_dir
+    from compose.errors import CompositionError
     from compose.lora.config import LoraConfig
     from compose.lora.resize import pad_rank, resize_factors
     from zoo.formats import peft as peft_format
@@ -122,7 +123,10 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
         factors = {}
         for module, (A, B, scaling) in modules.items():
             if rank is not None:
-                resized = resize_factors(A, B, scaling, rank=rank)
+                try:
+                    resized = resize_factors(A, B, scaling, rank=rank)
+                except CompositionError as e:
+                    raise ZooError(f"{adapter}: module {module}: {e}", "retrain the adapter with smaller weights") from None
                 factors[module] = (resized.A, resized.B)
                 if resized.error:
                     notes.append(f"{module}: rank {resized.old_rank} → {resized.rank}, relative error {resized.relative_error:.2e}")

@@ -46,6 +46,7 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "BertModel": ("BERT", False),
 }
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+F16_MAX = 65504.0  # the largest finite float16 (q8_0's block scales are float16 too)
 QK8_0 = 32  # q8_0 block: rows must be a multiple of it
 
 
@@ -144,6 +145,10 @@ def write_lora_gguf(
             data, kind = t.detach().cpu().contiguous().numpy(), qtype
             if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % QK8_0:
                 kind = gguf.GGMLQuantizationType.F16  # gguf's quantizer refuses it; the converter falls back so
+            limit = {gguf.GGMLQuantizationType.F16: F16_MAX, gguf.GGMLQuantizationType.Q8_0: F16_MAX * 127}.get(kind)  # q8_0: scale = max/127
+            if limit is not None and data.size and abs(data).max() > limit:
+                raise ZooError(f"module {module}: {suffix[1:]} reaches {float(abs(data).max()):.3g}, beyond what {kind.name} holds (it would be written as ±Inf)",
+                               "export with --outtype f32 or bf16")
             data = gguf.quants.quantize(data, kind)
             writer.add_tensor(tensor + suffix, data, raw_dtype=kind)
             written.append(GgufTensorInfo(tensor + suffix, tuple(t.shape), kind.name))
