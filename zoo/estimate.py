@@ -664,6 +664,7 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
     """Build the model on the meta device (shapes only, no memory) and list its Linear/Conv1D layers."""
     import torch
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING, AutoModel
     from transformers.pytorch_utils import Conv1D
 
@@ -686,7 +687,7 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
         hf_config = CONFIG_MAPPING[model_type].from_dict(config)
         with torch.device("meta"):
             model = model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
-    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError, RuntimeError) as e:  # StrictDataclass errors too
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError, StrictDataclassError) as e:
         raise ZooError(f"{config_path}: transformers cannot build a {model_type} from it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
                        "pass the base model's own config.json") from None
 
