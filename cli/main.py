@@ -284,7 +284,7 @@ def export(
     from zoo.errors import ZooError
 
     if name is not None:
-        return _export_adapter(name, to or "peft", out, base, outtype or "f32", rank, registry, as_json)
+        return _export_adapter(name, to or "peft", out, base, outtype, rank, registry, as_json)
     given = [opt for opt, value in (("--to", to), ("--base", base), ("--outtype", outtype), ("--rank", rank)) if value is not None]
     if given:
         raise ZooError(f"{given[0]} applies to exporting one adapter", "give its NAME, e.g. zoo export my-lora --to gguf --base BASE --out my-lora.gguf")
@@ -597,7 +597,7 @@ def check_(
         raise typer.Exit(1)
 
 
-def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, outtype: str, rank: int | None, registry: Path | None, as_json: bool) -> None:
+def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, outtype: str | None, rank: int | None, registry: Path | None, as_json: bool) -> None:
     """`zoo export NAME`: the adapter as a GGUF file or a PEFT folder (zoo.export)."""
     from zoo.errors import ZooError
     from zoo.units import human_bytes
@@ -611,10 +611,14 @@ def _export_adapter(name: str, to: str, out: Path | None, base: Path | None, out
             raise ZooError("--to gguf needs --base", "the base's config.json or folder: GGUF tensor names depend on its architecture")
         if rank is not None:
             raise ZooError("--rank applies to --to peft", "resize first: zoo resize NAME --rank R --name NEW, then export NEW")
-        report = export_gguf(name, base=base, out=out, outtype=outtype, registry=registry)
+        report = export_gguf(name, base=base, out=out, outtype=outtype or "f32", registry=registry)
     elif to == "peft":
         from zoo.export import export_peft
 
+        if outtype is not None:
+            raise ZooError("--outtype applies to --to gguf", "a PEFT folder keeps the adapter's dtype; drop --outtype")
+        if base is not None:
+            raise ZooError("--base applies to --to gguf", "vLLM and LoRAX read the base themselves; drop --base (zoo check NAME --for vllm --base BASE checks the fit)")
         report = export_peft(name, out=out, rank=rank, registry=registry)
     else:
         raise ZooError(f"unknown --to {to!r}", "use gguf or peft")

@@ -65,7 +65,7 @@ def held_temp_dir(parent: Path, prefix: str, *, private: bool = True) -> Iterato
     people to use, such as a merged checkpoint)."""
     parent.mkdir(parents=True, exist_ok=True)
     while True:
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) if private else _new_dir(parent, prefix)
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) if private else new_dir(parent, prefix)
         try:
             fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except (FileNotFoundError, FileExistsError):  # a sweeper took the new folder for a leftover: take another
@@ -86,7 +86,7 @@ def held_temp_dir(parent: Path, prefix: str, *, private: bool = True) -> Iterato
             os.close(held._fd)
 
 
-def _new_dir(parent: Path, prefix: str) -> Path:
+def new_dir(parent: Path, prefix: str) -> Path:
     """`parent/<prefix><random>`, made by mkdir (which fails rather than reuse a name) with the umask's mode."""
     while True:
         path = parent / f"{prefix}{secrets.token_hex(6)}"

@@ -96,6 +96,39 @@ def test_extract_bad_input(tuned, zoo_cli, tmp_path):
     assert zoo.list_adapters() == []
 
 
+def test_extract_refuses_malformed_or_non_finite_checkpoints(tuned, zoo_cli, tmp_path):
+    """Headers checked as `zoo merge` checks them (JSON, offsets covering dtype × shape) and non-finite
+    weights refused in one line; a NaN both checkpoints share is not a change."""
+    import shutil
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    base, folder = tuned
+    base.save_pretrained(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    cases = {}
+    for case, header in [("badjson", b"{bad"), ("list", b"[]"),
+                         ("short", json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 4]}}).encode())]:
+        shutil.copytree(tmp_path / "b", tmp_path / case)
+        (tmp_path / case / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        cases[case] = "safetensors"
+    state = load_file(weights)
+    for case, value in [("nan", float("nan")), ("inf", float("inf"))]:
+        shutil.copytree(tmp_path / "b", tmp_path / case)
+        changed = dict(state)
+        changed["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].clone()
+        changed["model.layers.0.self_attn.q_proj.weight"][0, 0] = value
+        save_file(changed, tmp_path / case / "model.safetensors", metadata={"format": "pt"})
+        cases[case] = "NaN or ±Inf"
+    for case, message in cases.items():
+        code, _, err = zoo_cli("extract", "--base", tmp_path / "b", "--tuned", tmp_path / case, "--rank", "2", "--name", "bad")
+        assert code == 2 and message in err and err.count("\n") == 1, (case, err)
+    code, _, err = zoo_cli("extract", "--base", tmp_path / "nan", "--tuned", tmp_path / "nan", "--rank", "2", "--name", "same")
+    assert code == 2 and "same weights" in err
+    assert zoo.list_adapters() == []
+
+
 def test_extract_rank_below_the_delta_is_the_best_approximation():
     torch.manual_seed(0)
     delta = torch.randn(96, 8) @ torch.randn(8, 80) + 0.01 * torch.randn(96, 80)

@@ -80,6 +80,60 @@ def test_gguf_export_has_the_converters_names_layout_values_and_metadata(llama, 
     assert not torch.equal(rope_interleaved(state["model.layers.0.self_attn.q_proj.lora_B.weight"], 4), state["model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
+def test_exports_never_replace_a_path_and_take_the_umasks_mode(llama, tmp_path, zoo_cli):
+    """--out that exists (file, FIFO, link) is refused, not replaced; files and folders get 0644 / 0755 under
+    umask 022 (not mkstemp's 0600); options of the other format are refused."""
+    import os
+    import stat
+
+    _, base, adapter = llama
+    zoo.add(adapter, name="lora")
+    (tmp_path / "kept.gguf").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "nowhere")
+    for taken in ("kept.gguf", "fifo", "link.gguf"):
+        code, _, err = zoo_cli("export", "lora", "--to", "gguf", "--base", base, "--out", tmp_path / taken)
+        assert code == 2 and "already exists" in err and err.count("\n") == 1, err
+    assert (tmp_path / "kept.gguf").read_text() == "mine" and (tmp_path / "link.gguf").is_symlink()
+    old = os.umask(0o022)
+    try:
+        assert zoo_cli("export", "lora", "--to", "gguf", "--base", base, "--out", tmp_path / "new.gguf")[0] == 0
+        assert zoo_cli("export", "lora", "--to", "peft", "--out", tmp_path / "peft")[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.gguf").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "peft").stat().st_mode) == 0o755
+    for option, value in (("--outtype", "f16"), ("--base", base)):
+        code, _, err = zoo_cli("export", "lora", "--to", "peft", option, value, "--out", tmp_path / "other")
+        assert code == 2 and f"{option} applies to --to gguf" in err and not (tmp_path / "other").exists()
+
+
+def test_non_finite_or_f16_overflowing_adapters_are_refused_in_one_line(tmp_path, zoo_cli):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    for case, value in (("nan", float("nan")), ("huge", 1e6)):
+        folder = make_peft_adapter(model, tmp_path / case, r=4, target_modules=["v_proj"])
+        state = load_file(folder / "adapter_model.safetensors")
+        key = next(k for k in state if k.endswith("lora_B.weight"))
+        state[key][0, 0] = value
+        save_file(state, folder / "adapter_model.safetensors")
+    zoo.add(tmp_path / "huge", name="huge")  # `zoo add` refuses the NaN one: a folder is checked and exported as it is
+    nan = str(tmp_path / "nan")
+    for runtime in ("vllm", "llama.cpp"):
+        assert {f.rule: f.status for f in zoo.check(nan, runtime=runtime, base=tmp_path / "base").findings}["finite"] == "refused"
+    for args in (["--to", "gguf", "--base", tmp_path / "base", "--out", tmp_path / "n.gguf"], ["--to", "peft", "--out", tmp_path / "n"],
+                 ["--to", "peft", "--rank", "2", "--out", tmp_path / "n"]):
+        code, _, err = zoo_cli("export", nan, *args)
+        assert code == 2 and "NaN" in err and err.count("\n") == 1, err
+    code, _, err = zoo_cli("resize", nan, "--rank", "2", "--name", "r")
+    assert code == 2 and "NaN" in err and err.count("\n") == 1, err
+    code, _, err = zoo_cli("export", "huge", "--to", "gguf", "--base", tmp_path / "base", "--outtype", "f16", "--out", tmp_path / "h.gguf")
+    assert code == 2 and "F16" in err and "--outtype f32" in err and err.count("\n") == 1 and not (tmp_path / "h.gguf").exists()
+    assert zoo_cli("export", "huge", "--to", "gguf", "--base", tmp_path / "base", "--out", tmp_path / "h.gguf")[0] == 0
+
+
 def test_gguf_q8_0_keeps_short_rows_in_f16_and_f16_rounds(llama, tmp_path):
     _, base, adapter = llama
     zoo.add(adapter, name="lora")
@@ -172,7 +226,7 @@ def test_peft_export_is_uniform_and_computes_the_same(tmp_path, zoo_cli):
     adapter = make_peft_adapter(model, tmp_path / "p", r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
                                 rank_pattern=patterns, alpha_pattern={"model.layers.1.self_attn.v_proj": 3.0})
     zoo.add(adapter, name="p")
-    assert zoo.check("p", runtime="vllm").findings[-2].status == "export"
+    assert {f.rule: f.status for f in zoo.check("p", runtime="vllm").findings}["scaling"] == "export"
     code, out, err = zoo_cli("export", "p", "--to", "peft", "--out", tmp_path / "vllm")
     assert code == 0, err
     config = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())

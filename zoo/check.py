@@ -90,7 +90,17 @@ def check(adapter: str, *, runtime: str, base: PathLike | None = None, registry:
     report = CheckReport(adapter=adapter, runtime=runtime, base=None if base is None else str(base))
     rules = {"vllm": _vllm, "llama.cpp": _llama_cpp, "peft": _peft}[runtime]
     report.findings = rules(resolved, base)
+    bad = non_finite_tensor(resolved)
+    report.findings.append(Finding("finite", "refused", f"tensor {bad} holds NaN or ±Inf", "retrain or re-download the adapter")
+                           if bad else Finding("finite", "ok", "every weight is a finite number"))
     return report
+
+
+def non_finite_tensor(adapter: ResolvedAdapter) -> str | None:
+    """The name of the first of `adapter`'s floating-point tensors that holds NaN or ±Inf, None if none does."""
+    import torch
+
+    return next((k for k, v in sorted(adapter.state.items()) if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
 def one_adapter(ref: str, *, registry: PathLike | None = None) -> ResolvedAdapter:
@@ -245,6 +255,8 @@ def _uniform_scaling(adapter: ResolvedAdapter, modules: dict[str, tuple]) -> Fin
 
 
 def _llama_cpp(adapter: ResolvedAdapter, base: PathLike) -> list[Finding]:
+    from zoo.estimate import _config_path
+    from zoo.formats.base_config import check_base_config
     from zoo.formats.gguf import GgufBase
     from zoo.formats.peft import read_json_config
 
@@ -252,10 +264,11 @@ def _llama_cpp(adapter: ResolvedAdapter, base: PathLike) -> list[Finding]:
     if method.status == "refused":
         return [method]
     out = [method, *_lora_features(adapter, "llama.cpp")]
-    path = Path(base)
-    config_path = path / "config.json" if path.is_dir() else path
+    config_path = _config_path(base)
+    config = read_json_config(config_path, "config.json")  # unreadable or malformed: an error, not a finding
+    check_base_config(config, str(config_path))
     try:
-        gguf_base = GgufBase.from_config(read_json_config(config_path, "config.json"), str(config_path))
+        gguf_base = GgufBase.from_config(config, str(config_path))
     except ZooError as e:
         return [*out, Finding("architecture", "refused", e.message, e.hint)]
     out.append(Finding("architecture", "ok", f"{gguf_base.architecture} → GGUF {gguf_base.gguf_arch}"

@@ -649,9 +649,11 @@ def _select(arch: _Architecture, targets: list[str] | str, config_path: Path, me
 
 
 def _architecture(config_path: Path) -> _Architecture:
+    from zoo.formats.base_config import check_base_config
     from zoo.formats.peft import read_json_config
 
     config = read_json_config(config_path, "config.json")  # a JSON object of bounded size, or a one-line error
+    check_base_config(config, str(config_path))
     description = config_path.parent / ARCHITECTURE_FILE
     if description.is_file():
         return _from_description(config, description)
@@ -662,6 +664,7 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
     """Build the model on the meta device (shapes only, no memory) and list its Linear/Conv1D layers."""
     import torch
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING, AutoModel
     from transformers.pytorch_utils import Conv1D
 
@@ -678,11 +681,15 @@ def _from_meta_model(config: dict, config_path: Path) -> _Architecture:
             f"{config_path}: model_type {model_type!r} {needs}, which zoo never runs",
             f"describe its linear layers in {ARCHITECTURE_FILE} next to config.json ({_DOCS})",
         )
-    hf_config = CONFIG_MAPPING[model_type].from_dict(config)
     architecture = (config.get("architectures") or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
-    with torch.device("meta"):
-        model = model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    try:  # transformers' own checks (hidden size a multiple of the heads, field types) raise as they like
+        hf_config = CONFIG_MAPPING[model_type].from_dict(config)
+        with torch.device("meta"):
+            model = model_class(hf_config) if model_class is not None else AutoModel.from_config(hf_config)
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError, StrictDataclassError) as e:
+        raise ZooError(f"{config_path}: transformers cannot build a {model_type} from it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
+                       "pass the base model's own config.json") from None
 
     linears, embeddings, unsupported = [], [], {}
     for name, module in model.named_modules():

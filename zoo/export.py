@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def export_gguf(adapter: str, *, base: PathLike, out: PathLike, outtype: str = "
     Args:
         adapter: a registered NAME[@VERSION] or an adapter folder (LoRA, or AdaLoRA as the LoRA it computes).
         base: the base's config.json or folder (only the config is read: architecture, layers, heads).
-        out: the .gguf file to write (replaced atomically).
+        out: the .gguf file to write (must not exist; written under a temporary name, then renamed).
         outtype: 'f32' (default), 'f16', 'bf16' or 'q8_0' (tensors whose rows are not a multiple of 32 stay f16).
 
     Raises:
@@ -61,6 +60,8 @@ def export_gguf(adapter: str, *, base: PathLike, out: PathLike, outtype: str = "
 
     if Path(out).is_dir():
         raise ZooError(f"--out {out} is a folder", "give the .gguf file to write, e.g. --out adapter.gguf")
+    if os.path.lexists(out):  # a file, a FIFO or a link: never replaced behind the user's back
+        raise ZooError(f"--out {out} already exists", "give a new file name, or remove it first")
     _refuse_blocking(check(adapter, runtime="llama.cpp", base=base, registry=registry))
     resolved = one_adapter(adapter, registry=registry)
     path = Path(base)
@@ -98,6 +99,8 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
     Raises:
         ZooError: non-LoRA methods, DoRA, modules_to_save, lora_bias (what vLLM refuses), `out` not empty.
     """
+    from compose.durable import new_dir
+    from compose.errors import CompositionError
     from compose.lora.config import LoraConfig
     from compose.lora.resize import pad_rank, resize_factors
     from zoo.formats import peft as peft_format
@@ -120,7 +123,10 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
         factors = {}
         for module, (A, B, scaling) in modules.items():
             if rank is not None:
-                resized = resize_factors(A, B, scaling, rank=rank)
+                try:
+                    resized = resize_factors(A, B, scaling, rank=rank)
+                except CompositionError as e:
+                    raise ZooError(f"{adapter}: module {module}: {e}", "retrain the adapter with smaller weights") from None
                 factors[module] = (resized.A, resized.B)
                 if resized.error:
                     notes.append(f"{module}: rank {resized.old_rank} → {resized.rank}, relative error {resized.relative_error:.2e}")
@@ -136,7 +142,7 @@ def export_peft(adapter: str, *, out: PathLike, rank: int | None = None, registr
                                 fan_in_fan_out=getattr(config, "fan_in_fan_out", False))
         notes.insert(0, f"scaling folded into lora_B (lora_alpha = r = {r}){f'; {padded} module(s) zero-padded to rank {r}' if padded else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = new_dir(out.parent, f".{out.name}.partial-")  # the umask's mode, as any new folder (mkdtemp's is 0700)
     try:
         peft_format.save_adapter(tmp, new_config, state, base_model=resolved.base_model, task_type=resolved.task_type)
         if out.exists():

@@ -54,6 +54,13 @@ class ExtractReport:
         return {**asdict(self), "modules": [{**asdict(m), "captured": m.captured} for m in self.modules]}
 
 
+def _same_bytes(a, b) -> bool:
+    """Whether two tensors of one shape hold the very same bytes (NaNs included)."""
+    import torch
+
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def extract(
     base: PathLike,
     tuned: PathLike,
@@ -99,6 +106,7 @@ def extract(
     from zoo.api import open_registry, register_folder
     from zoo.formats import peft as peft_format
     from zoo.manifest import Source, check_name
+    from zoo.merge import check_base_headers
 
     start = time.perf_counter()
     check_name(name)
@@ -121,6 +129,8 @@ def extract(
 
     kinds = {n: ("conv1d" if isinstance(m, Conv1D) else "linear") for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     base_layout, tuned_layout = read_layout(base), read_layout(tuned)
+    for folder in (base, tuned):  # as `zoo merge` does: every header sane before any tensor is read
+        check_base_headers(folder)
     base_shard = {}
     for shard in base_layout.shards:
         with ShardReader(base / shard) as f:
@@ -145,10 +155,14 @@ def extract(
                         readers[b_shard] = ShardReader(base / b_shard)
                     w_tuned, w_base = f.get_tensor(key), readers[b_shard].get_tensor(key)
                     report.tensors += 1
-                    if torch.equal(w_tuned, w_base):
+                    if _same_bytes(w_tuned, w_base):  # not torch.equal: NaN != NaN would call an untouched tensor changed
                         report.unchanged += 1
                     elif key.endswith(".weight") and key.removesuffix(".weight") in kinds:
                         module = key.removesuffix(".weight")
+                        for label, folder, w in (("fine-tuned", tuned, w_tuned), ("base", base, w_base)):
+                            if not torch.isfinite(w).all():  # else the SVD fails to converge, a traceback
+                                raise ZooError(f"tensor {key} of the {label} checkpoint {folder} holds NaN or ±Inf",
+                                               "extract from a checkpoint with finite weights (re-download or retrain it)")
                         delta = w_tuned.float() - w_base.float()
                         w_tuned = w_base = None  # the SVD's workspace then takes their place, not theirs plus its own
                         got = extract_delta(delta.T if kinds[module] == "conv1d" else delta, rank=rank, sv_threshold=sv_threshold)

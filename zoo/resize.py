@@ -76,7 +76,7 @@ def resize(
     from compose.lora.lowrank import check_rule
     from compose.lora.resize import resize_factors
     from zoo.api import open_registry, register_folder
-    from zoo.check import lora_modules, one_adapter
+    from zoo.check import lora_modules, non_finite_tensor, one_adapter
     from zoo.formats import peft as peft_format
     from zoo.manifest import Source, check_name
 
@@ -96,10 +96,15 @@ def resize(
         raise ZooError(f"{adapter} has {what}, which resize does not handle", "resize plain Linear LoRA adapters")
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
         raise ZooError(f"{adapter} uses {'DoRA' if config.use_dora else 'lora_bias'}, whose output is not s·B·A alone", "resize plain LoRA adapters")
+    if bad := non_finite_tensor(resolved):
+        raise ZooError(f"{adapter}: tensor {bad} holds NaN or ±Inf", "retrain or re-download the adapter")
     report = ResizeReport(ref=name)
     state, ranks = {}, {}
     for module, (A, B, scaling) in lora_modules(resolved).items():
-        got = resize_factors(A, B, scaling, rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro)
+        try:
+            got = resize_factors(A, B, scaling, rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro)
+        except CompositionError as e:
+            raise ZooError(f"{adapter}: module {module}: {e}", "retrain the adapter with smaller weights") from None
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = got.A.contiguous(), got.B.contiguous()
         ranks[module] = got.rank
         report.modules.append(ModuleResize(module, got.old_rank, got.rank, got.norm, got.error))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compose.errors import CompositionError
 from compose.lora.lowrank import check_rule, keep_rank, split_factors
 
 OVERSAMPLE = 8  # p: extra random directions, so the top k are caught with high probability
@@ -66,13 +67,17 @@ def extract_delta(
         [`ExtractedModule`]: A (k, in) = Vhₖ, B (out, k) = Uₖ·diag(Sₖ) (PEFT's split), ‖ΔW‖ and the measured error.
 
     Raises:
-        [`CompositionError`]: not exactly one rule, or a value out of range.
+        [`CompositionError`]: not exactly one rule, a value out of range, or ΔW holds NaN / ±Inf or overflows.
     """
+    import math
+
     rule, value = check_rule(rank=rank, sv_threshold=sv_threshold)
     work = torch.float64 if delta.dtype == torch.float64 else torch.float32
     delta = delta.to(work)
     generator = generator or torch.Generator(device=delta.device).manual_seed(0)
     norm = float(torch.linalg.matrix_norm(delta))
+    if not math.isfinite(norm):  # else the SVD fails to converge
+        raise CompositionError(f"ΔW holds NaN or ±Inf, or its norm overflows {work}")
     if norm == 0.0:
         k = 1 if rule != "rank" else min(int(value), *delta.shape)
         return ExtractedModule(delta.new_zeros(k, delta.shape[1]), delta.new_zeros(delta.shape[0], k), 0.0, 0.0)

@@ -32,10 +32,16 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
     Returns:
         `tuple`: (U (out, r), S (r,), Vh (r, in)) with B·A = U·diag(S)·Vh, S descending.
+
+    Raises:
+        [`CompositionError`]: the factors hold NaN or ±Inf, or B·A overflows (the SVD would not converge).
     """
     Q_B, R_B = torch.linalg.qr(B)
     Q_A, R_A = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
+    core = R_B @ R_A.T  # NaN / ±Inf in either factor reach it through the QR
+    if not torch.isfinite(core).all():
+        raise CompositionError(f"the LoRA factors hold NaN or ±Inf, or their product overflows {core.dtype}")
+    U, S, Vh = torch.linalg.svd(core, full_matrices=False)
     return Q_B @ U, S, Vh @ Q_A.T
 
 

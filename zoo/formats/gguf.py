@@ -22,7 +22,7 @@ exactly what PEFT does.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +46,7 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "BertModel": ("BERT", False),
 }
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+F16_MAX = 65504.0  # the largest finite float16 (q8_0's block scales are float16 too)
 QK8_0 = 32  # q8_0 block: rows must be a multiple of it
 
 
@@ -144,6 +145,10 @@ def write_lora_gguf(
             data, kind = t.detach().cpu().contiguous().numpy(), qtype
             if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % QK8_0:
                 kind = gguf.GGMLQuantizationType.F16  # gguf's quantizer refuses it; the converter falls back so
+            limit = {gguf.GGMLQuantizationType.F16: F16_MAX, gguf.GGMLQuantizationType.Q8_0: F16_MAX * 127}.get(kind)  # q8_0: scale = max/127
+            if limit is not None and data.size and abs(data).max() > limit:
+                raise ZooError(f"module {module}: {suffix[1:]} reaches {float(abs(data).max()):.3g}, beyond what {kind.name} holds (it would be written as ±Inf)",
+                               "export with --outtype f32 or bf16")
             data = gguf.quants.quantize(data, kind)
             writer.add_tensor(tensor + suffix, data, raw_dtype=kind)
             written.append(GgufTensorInfo(tensor + suffix, tuple(t.shape), kind.name))
@@ -153,8 +158,13 @@ def write_lora_gguf(
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
+    while True:  # mkstemp's file would be 0600: a new file takes the umask's mode, as any export
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
