@@ -131,3 +131,19 @@ def test_push_publishes_no_local_path(server, tmp_path, zoo_cli):
         assert str(tmp_path) not in zoo_json and "/me/" not in zoo_json, zoo_json
         assert str(tmp_path) not in head.tree["README.md"].data.decode()
     assert json.loads(server.repos[("model", "org/duo")].commits[server.repos[("model", "org/duo")].branches["main"]].tree["zoo.json"].data)["source"]["recipe"]["train"] == "train.jsonl"
+
+
+@pytest.mark.parametrize("separator", ["%20", "\u00a0", "%20%20", ":\t"])
+def test_redact_hides_a_bearer_token_after_any_separator(separator):
+    from zoo.hub import redact
+
+    out = redact(f"Authorization: Bearer{separator}hf_abcdefghijkl")
+    assert "abcdefghijkl" not in out and "***" in out
+
+
+def test_redact_hides_hf_tokens_glued_to_text_and_the_callers_own_token(monkeypatch):
+    from zoo.hub import redact
+
+    monkeypatch.setenv("HF_TOKEN", "hf_Secret0wnToken99")
+    out = redact("x=abchf_abcdefg1 / auth Secret0wnToken99 / hf_Secret0wnToken99 hf_hub/2.4.0")
+    assert "abcdefg1" not in out and "Secret0wnToken99" not in out and "hf_hub/2.4.0" in out

@@ -66,18 +66,37 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-#: Credentials a server (or a proxy in front of it) may quote back in an error: Hub tokens and bearer headers.
-_SECRETS = re.compile(r"(?i)(bearer\s+)\S+|\bhf_[A-Za-z0-9_]{8,}|(token[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+")
+#: Credentials a server (or a proxy in front of it) may quote back in an error: Hub tokens and bearer headers. The
+#: bearer's separator may be any run of non-alphanumerics, URL-encoded ones (`%20`) included; `hf_…` is hidden
+#: wherever it stands, glued to other text or not.
+_SECRETS = re.compile(
+    r"(?i)(bearer(?:%[0-9a-f]{2}|[^a-z0-9%])+)\S+|hf_[A-Za-z0-9]{6,}[A-Za-z0-9_]*"
+    r"|(token[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"
+)
 
 
 def redact(text: str) -> str:
-    """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`): what a server answers is
-    printed, and a proxy that echoes the request's headers would otherwise print the caller's token."""
+    """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`, and the caller's own token,
+    `HF_TOKEN` or the stored login, with or without its `hf_` prefix): what a server answers is printed, and a proxy
+    that echoes the request's headers would otherwise print the caller's token."""
     def hide(m: re.Match) -> str:
         kept = m.group(1) or m.group(2)  # "Bearer " or "token=": kept, the secret after it hidden
         return f"{kept}***" if kept else "hf_***"
 
-    return _SECRETS.sub(hide, text)
+    text = _SECRETS.sub(hide, text)
+    for secret in _own_token_forms():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _own_token_forms() -> list[str]:
+    """The caller's token as it may appear in text: whole and without its `hf_` prefix (too short a one is left
+    alone, as replacing it would garble ordinary words)."""
+    from huggingface_hub import get_token
+
+    token = (get_token() or "").strip()
+    forms = [token, token.removeprefix("hf_")]
+    return [form for form in dict.fromkeys(forms) if len(form) >= 6]
 
 
 @contextmanager
