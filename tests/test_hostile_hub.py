@@ -147,3 +147,22 @@ def test_redact_hides_hf_tokens_glued_to_text_and_the_callers_own_token(monkeypa
     monkeypatch.setenv("HF_TOKEN", "hf_Secret0wnToken99")
     out = redact("x=abchf_abcdefg1 / auth Secret0wnToken99 / hf_Secret0wnToken99 hf_hub/2.4.0")
     assert "abcdefg1" not in out and "Secret0wnToken99" not in out and "hf_hub/2.4.0" in out
+
+
+def test_pull_of_a_repo_with_zoo_json_checks_tensor_values(server, tmp_path, zoo_cli):
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    folder = write_adapter(tmp_path / "a", 1)
+    m = manifest_of(folder)
+    tensors = load_file(folder / WEIGHTS)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, folder / WEIGHTS)
+    data = (folder / WEIGHTS).read_bytes()
+    for f in m["files"]:
+        if f["path"] == WEIGHTS:
+            f.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    server.commit("org/nanw", pushed_files(folder, m))
+    one_line(*zoo_cli("pull", "org/nanw"), "holds NaN")

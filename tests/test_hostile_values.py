@@ -299,3 +299,27 @@ def test_a_pickle_that_inflates_is_refused_before_it_allocates(tmp_path, zoo_cli
     one_line(*zoo_cli("add", tmp_path / "legacy", "--name", "a", "--allow-pickle"), "is not a torch zip archive")
     registry_still_reads(zoo_cli)
     assert zoo_cli("add", pickled_adapter(tmp_path / "fine", plain), "--name", "fine", "--allow-pickle")[0] == 0
+
+
+def test_non_finite_fusion_weights_are_refused_at_add(tmp_path):
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_adapterhub import ROOT
+    from zoo.errors import ZooError
+
+    with warnings.catch_warnings():  # "seq" carries a prediction head, skipped with a warning
+        warnings.simplefilter("ignore")
+        for name in ("seq", "seq2"):
+            zoo.add(ROOT / "bert" / "adapters" / name, name=name, allow_pickle=True)
+    fusion = tmp_path / "fusion"
+    shutil.copytree(ROOT / "bert" / "fusions" / "seq_seq2", fusion)
+    weights = next(fusion.glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("inf"))
+    save_file(tensors, weights)
+    with pytest.raises(ZooError, match="holds ±Inf"):
+        zoo.add(fusion, name="fuse")

@@ -280,6 +280,7 @@ def register_fusion_folder(
     from zoo.api import measure_tensors
     from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES, read_adapterhub_fusion
     from zoo.formats.peft import weights_file
+    from zoo.formats.tensor_values import check_tensor_values
 
     check_name(name)
     config, _, meta = read_adapterhub_fusion(folder, allow_pickle=allow_pickle)
@@ -298,6 +299,7 @@ def register_fusion_folder(
             state = peft_format.load_pickle_state(weights)
             weights = Path(work) / FUSION_WEIGHTS_NAMES[0]
             save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+        check_tensor_values(weights)  # as for an adapter: no NaN, ±Inf or integer weights
         store = open_store()
         files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME, move=staged),
                  store.put(weights, FUSION_WEIGHTS_NAMES[0], move=staged and weights.parent == folder)]

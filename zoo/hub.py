@@ -27,6 +27,7 @@ from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
 from zoo.formats.adapterhub import FUSION_CONFIG_NAME as ADAPTERHUB_FUSION_CONFIG
+from zoo.formats.tensor_values import check_tensor_values
 from zoo.formats.adapterhub import FUSION_WEIGHTS_NAMES as ADAPTERHUB_FUSION_WEIGHTS
 from zoo.formats.folder import WEIGHTS_NAMES
 from zoo.formats.peft import CONFIG_NAME
@@ -283,6 +284,9 @@ def _restore(folder: Path, source: Source, name: str | None, where: str, registr
                 f"{where}: {ZOO_MANIFEST} lists {f.path} with sha256 {f.sha256[:12]}… ({f.size:,} bytes), the repo has {got[0][:12]}… ({got[1]:,} bytes)",
                 "the repo's files changed after `zoo push`: push the adapter again",
             )
+    for f in manifest.files:  # the values `zoo add` refuses (NaN, ±Inf, integer weights) are refused here too
+        if f.path.endswith(".safetensors"):
+            check_tensor_values(folder / f.path)
     if isinstance(manifest, AdapterManifest):
         _check_against_files(manifest, folder, where)
     if isinstance(manifest, AdapterManifest):  # sizes and ranks are measured, never taken from input
