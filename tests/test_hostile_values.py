@@ -323,3 +323,19 @@ def test_non_finite_fusion_weights_are_refused_at_add(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(ZooError, match="holds ±Inf"):
         zoo.add(fusion, name="fuse")
+
+
+@pytest.mark.parametrize("ref", ["a@1 ", " a", "a\n", "a@1\n"])
+def test_references_with_whitespace_are_refused_by_every_command(ref, tmp_path, zoo_cli):
+    assert zoo_cli("add", write_adapter(tmp_path / "a", 1), "--name", "a")[0] == 0
+    for command in (["show", ref], ["export", ref, "--out", tmp_path / "x"], ["check", ref, "--for", "peft"], ["resize", ref, "--name", "r", "--rank", "1"]):
+        code, out, err = zoo_cli(*command)
+        assert code == 2 and "invalid reference" in err, (command, code, err)
+
+
+def test_a_name_ending_in_a_newline_is_refused():
+    from zoo.errors import ZooError
+    from zoo.manifest import check_name
+
+    with pytest.raises(ZooError):
+        check_name("good\n")

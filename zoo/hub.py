@@ -394,7 +394,7 @@ def published_manifest(manifest: Manifest) -> dict[str, Any]:
 
 def is_hub_id(name_or_path: str | None) -> bool:
     """A Hub model id (`gpt2`, `org/name`) rather than a local path."""
-    return bool(name_or_path) and _REPO_ID.match(name_or_path) is not None and ".." not in name_or_path
+    return bool(name_or_path) and _REPO_ID.fullmatch(name_or_path) is not None and ".." not in name_or_path
 
 
 def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> ModelCard:

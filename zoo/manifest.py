@@ -65,7 +65,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def check_name(name: str) -> str:
     """A registry name: letters, digits, '.', '_', '-' (no path separators, no '..')."""
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise ZooError(
             f"invalid adapter name {name!r}",
             "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -157,7 +157,7 @@ class FileEntry(_Strict):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str) -> str:
-        if not SHA256_RE.match(v):
+        if not SHA256_RE.fullmatch(v):
             raise ValueError("must be 64 lowercase hex digits")
         return v
 
