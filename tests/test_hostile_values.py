@@ -339,3 +339,13 @@ def test_a_name_ending_in_a_newline_is_refused():
 
     with pytest.raises(ZooError):
         check_name("good\n")
+
+
+def test_strings_that_are_not_utf8_are_refused_in_one_line(tmp_path, zoo_cli):
+    folder = write_adapter(tmp_path / "a", 1)
+    one_line(*zoo_cli("add", folder, "--name", "a", "--task", "\udcff"), "holds bytes that are not UTF-8")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["revision"] = "\udcff"
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # ASCII JSON: the escape \udcff
+    one_line(*zoo_cli("add", folder, "--name", "b"), "holds bytes that are not UTF-8")
+    registry_still_reads(zoo_cli)

@@ -121,8 +121,31 @@ def _finite_json(value: Any) -> Any:
 FiniteJson = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 
 
+def _check_utf8(value: Any) -> None:
+    """Raise a one-line `ZooError` for a string (at any depth of a dict or list) that UTF-8 cannot encode: argv
+    bytes that are not UTF-8 arrive as lone surrogates, which no JSON file can store."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ZooError(f"{value!r:.60} holds bytes that are not UTF-8", "write it in plain text (UTF-8)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_utf8(k)
+            _check_utf8(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_utf8(v)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number of a manifest survives JSON
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        _check_utf8(value)  # every string of a manifest survives JSON too
+        return value
 
 
 class BaseModelRef(_Strict):
