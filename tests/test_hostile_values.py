@@ -349,3 +349,14 @@ def test_strings_that_are_not_utf8_are_refused_in_one_line(tmp_path, zoo_cli):
     (folder / "adapter_config.json").write_text(json.dumps(config))  # ASCII JSON: the escape \udcff
     one_line(*zoo_cli("add", folder, "--name", "b"), "holds bytes that are not UTF-8")
     registry_still_reads(zoo_cli)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["list", "--limit", "99999999999999999999999"], "--limit 99999999999999999999999 is too large"),
+    (["compose", "a+b", "--name", "c", "--fusion", "weighted", "--seed", "99999999999999999999999"], "is out of range"),
+    (["resize", "a", "--name", "r", "--sv-ratio", "inf"], "sv_ratio must be a finite number"),
+])
+def test_numbers_too_large_are_one_line(args, expected, tmp_path, zoo_cli):
+    for name in ("a", "b"):
+        assert zoo_cli("add", write_adapter(tmp_path / name, 1), "--name", name)[0] == 0
+    one_line(*zoo_cli(*args), expected)

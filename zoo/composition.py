@@ -212,6 +212,8 @@ def compose(
     check_finite(density=density, lr=lr, prune_below=prune_below, temperature=temperature)
     if fusion not in FUSIONS:
         raise ZooError(f"unknown fusion {fusion!r}", f"use one of {', '.join(FUSIONS)}")
+    if not -(2**63) <= seed < 2**63:  # what torch's generators and the registry's integers hold
+        raise ZooError(f"--seed {seed} is out of range", "give a seed between -2**63 and 2**63 - 1")
     given = dict(weights=weights, method=method, rank=rank, density=density, seed=seed, base=base, train=train, epochs=epochs, lr=lr,
                  batch_size=batch_size, drop_train=drop_train, prune_below=prune_below, temperature=temperature)
     defaults = {k: p.default for k, p in signature(compose).parameters.items()}
