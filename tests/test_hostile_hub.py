@@ -166,3 +166,26 @@ def test_pull_of_a_repo_with_zoo_json_checks_tensor_values(server, tmp_path, zoo
             f.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     server.commit("org/nanw", pushed_files(folder, m))
     one_line(*zoo_cli("pull", "org/nanw"), "holds NaN")
+
+
+def test_push_publishes_no_local_path_of_an_extracted_and_resized_adapter(tmp_path, zoo_cli):
+    """Recipe dicts at any depth (extract.base/tuned, resize.from) and the adapter_config.json `extract` writes."""
+    import torch
+
+    from tests.tiny import tiny_llama
+    from zoo.api import open_store
+    from zoo.hub import published_manifest
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    code, out, err = zoo_cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "1", "--name", "x")
+    assert code == 0, err
+    code, out, err = zoo_cli("resize", "x", "--name", "y", "--rank", "1")
+    assert code == 0, err
+    for name in ("x", "y"):
+        assert str(tmp_path) not in json.dumps(published_manifest(zoo.show(name)))
+        config = next(f for f in zoo.show(name).files if f.path == CONFIG)
+        assert str(tmp_path) not in open_store().blob_path(config.sha256).read_text(), name

@@ -383,13 +383,21 @@ def published_manifest(manifest: Manifest) -> dict[str, Any]:
     base model loaded from a folder."""
     published = manifest.model_dump(mode="json")
     published["source"]["path"] = None
-    recipe = published["source"]["recipe"]
-    for key, value in recipe.items():
-        if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
-            recipe[key] = PureWindowsPath(value).name  # splits at / and \ alike
+    published["source"]["recipe"] = _without_paths(published["source"]["recipe"])
     if not is_hub_id(published["base_model"]["name_or_path"]):
         published["base_model"]["name_or_path"] = None
     return published
+
+
+def _without_paths(value: Any) -> Any:
+    """`value` (a recipe, at any depth: `extract.base`, `resize.from`) with each path-like string cut to its name."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
+        return PureWindowsPath(value).name  # splits at / and \ alike
+    return value
 
 
 def is_hub_id(name_or_path: str | None) -> bool:
