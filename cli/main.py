@@ -217,6 +217,8 @@ def show(
 
     c = console()
     c.print(f"{m.ref}  {m.label}  base={m.base_model.name_or_path or '-'}  task={m.task or '-'}")
+    if arch := m.base_model.architecture or m.base_model.model_type:
+        c.print(f"architecture: {arch}" + (f" ({m.base_model.model_type})" if m.base_model.architecture and m.base_model.model_type else ""))
     if m.kind == "adapter":
         c.print(f"config: {m.method.model_dump(exclude_defaults=True)}  task_type={m.task_type or '-'}")
     else:
@@ -224,10 +226,11 @@ def show(
     if m.source.kind == "composition":
         c.print(f"composed from {', '.join(x.name for x in m.source.members)}: {m.source.recipe}")
     c.print(f"size: {m.size.trainable_params:,} params, {human_bytes(m.size.bytes)}; source: {m.source.kind} {m.source.path or m.source.repo_id or ''}")
-    files = Table("file", "bytes", "sha256")
-    for f in m.files:
-        files.add_row(f.path, f"{f.size:,}", f.sha256)
-    c.print(files)
+    if m.files:  # a stack has none of its own
+        files = Table("file", "bytes", "sha256")
+        for f in m.files:
+            files.add_row(f.path, f"{f.size:,}", f.sha256)
+        c.print(files)
 
 
 @app.command()
@@ -369,7 +372,18 @@ def inspect(
     from zoo.refs import is_path
 
     # a bare name is the registry entry, never a file of that name in the working directory (write ./NAME for that)
-    path = api.adapter_folder(api.lookup(adapter, registry=registry), registry=registry) if not is_path(adapter) else Path(adapter)
+    if is_path(adapter):
+        path = Path(adapter)
+    else:
+        m = api.lookup(adapter, registry=registry)
+        if m.kind == "composition":  # a stack or an AdapterFusion: its members hold the adapter weights
+            from zoo.errors import ZooError
+
+            members = [f"{r.name}@{r.version}" for r in m.members]
+            what = "an AdapterFusion" if m.fusion == "attention" else "a stack"
+            raise ZooError(f"{m.ref} is {what} of {len(members)} adapters ({', '.join(members)}), not one adapter",
+                           f"inspect a member, e.g. `zoo inspect {members[0]}`; `zoo show {m.ref}` describes the composition")
+        path = api.adapter_folder(m, registry=registry)
     report = inspect_adapter(path, base=base)
     if as_json:
         return print_json(report.model_dump(mode="json"))
@@ -705,6 +719,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2, never a traceback for bad input."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernel_hub_notice)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_no_kernel_hub_notice)  # offline: "Skipping publisher trust check for 'kernels-community/…'"
+    # LLM.int8 computes in fp16 by design; bitsandbytes says so at every layer of every forward (448 lines for 32 tokens)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     from zoo.interrupts import Terminated, install
 
     install()  # SIGTERM / Ctrl-C unwind: what was being written is removed, a commit finishes first

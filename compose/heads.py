@@ -17,6 +17,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from compose.devices import offloaded
 from compose.errors import CompositionError
 from compose.modules import get_module, replace_module, resolve_path
 
@@ -176,6 +177,11 @@ def _make_copy(model: nn.Module, name: str, method: str, key: str, tensors: dict
     if isinstance(module, Delegating) and not isinstance(module, SavedModule):
         raise CompositionError(f"module '{path}' is wrapped by {type(module).__name__} (another adapter adapts it) and cannot also be replaced (modules_to_save); detach that adapter first")
     original = module.base_layer if isinstance(module, SavedModule) else module
+    if offloaded(original):  # accelerate's hook would load the base's own head into the copy at every forward
+        raise CompositionError(
+            f"module '{path}' (modules_to_save) is offloaded by accelerate, so {method} adapter '{name}' cannot replace it; "
+            f"keep it in memory (e.g. device_map={{'{path}': 'cpu', ...}} or a larger max_memory)"
+        )
     own = dict(original.named_parameters(recurse=False))
     own.update((n, b) for n, b in original.named_buffers(recurse=False) if n not in original._non_persistent_buffers_set)
     if set(tensors) != set(own):

@@ -152,3 +152,17 @@ def test_wrappers_do_not_answer_for_accelerate_hooks(setup):
     assert isinstance(q_proj, LoraLayer) and hasattr(q_proj.base_layer, "_hf_hook") and not hasattr(q_proj, "_hf_hook")
     remove_hook_from_submodules(model)
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def test_a_saved_head_on_an_offloaded_module_is_refused_not_ignored(setup):
+    """accelerate's hook would load the base's own lm_head into the adapter's copy at every forward: the
+    trained head would be silently ignored (2.9 logits off peft), so it is refused in one line."""
+    root, base, _ = setup
+    folder = make_peft_adapter(base, root / "head", seed=6, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    with pytest.raises(CompositionError, match=r"^module 'lm_head' \(modules_to_save\) is offloaded by accelerate") as error:
+        zoo.load(root / "base", [str(folder)], **offload(root, "1KB"))
+    assert "\n" not in str(error.value)
+    on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    kept = dict(device_map=on_disk | {"lm_head": "cpu"}, offload_folder=str(root / "offload-head"))
+    model = zoo.load(root / "base", [str(folder)], **kept)
+    torch.testing.assert_close(logits(model), peft_reference(base, [str(folder)]), atol=ATOL, rtol=0)

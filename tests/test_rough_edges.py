@@ -61,6 +61,10 @@ def test_composition_keeps_the_members_architecture(llama, tmp_path, fusion, mem
     extra = dict(method="svd", rank=16) if fusion == "weighted" else {}
     ab = zoo.compose(members, fusion=fusion, name="ab", **extra)  # each field from the first member that has it
     assert ab.base_model.architecture == "LlamaForCausalLM"
+    from cli.main import app
+    from typer.testing import CliRunner
+
+    assert "architecture: LlamaForCausalLM" in CliRunner().invoke(app, ["show", "ab"]).output.splitlines()
     model = zoo.load(base, adapters=["ab"])
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model(token_ids()).logits.shape[-1] == 64
@@ -303,6 +307,13 @@ def test_bitsandbytes_hub_kernel_notice_is_not_shown(zoo_cli, caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "untrusted")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # offline, the kernels package says it skipped the Hub's trust check
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
+    assert caplog.records == []
+    with warnings.catch_warnings(record=True) as caught:  # LLM.int8 at every layer of every forward
+        warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization")
+    assert caught == []
 
 
 # ---- item 6: --version, merged folders, the memory merge reports ----------------------------------------------
@@ -344,3 +355,13 @@ def test_readme_python_block_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert {"ab-weighted", "ab"} <= {m.name for m in zoo.list_adapters()} and (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_inspect_of_a_stack_or_fusion_names_its_members(llama, zoo_cli):
+    _, a, b = llama
+    zoo.add(a, name="a")
+    zoo.add(b, name="b")
+    zoo.compose("a+b", fusion="stack", name="ab")
+    code, out, err = zoo_cli("inspect", "ab")
+    assert code == 2 and out == "" and "adapter_model.safetensors" not in err
+    assert err == "error: ab@1 is a stack of 2 adapters (a@1, b@1), not one adapter — inspect a member, e.g. `zoo inspect a@1`; `zoo show ab@1` describes the composition\n"
