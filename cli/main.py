@@ -158,8 +158,8 @@ def list_(
     from zoo import api
     from zoo.errors import ZooError
 
-    if limit is not None and limit < 0:
-        raise ZooError(f"--limit {limit} is negative", "give a count, or 0 for all")
+    if limit is not None and not 0 <= limit < 2**63:  # the registry's SQL takes a 64-bit count
+        raise ZooError(f"--limit {limit} is {'negative' if limit < 0 else 'too large'}", "give a count, or 0 for all")
     reg = api.open_registry(registry)
     if as_json:  # streamed as stored, one entry per line: 100,000 entries never sit in memory
         out, first = sys.stdout, True

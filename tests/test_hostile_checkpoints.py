@@ -51,9 +51,9 @@ def test_a_shard_outside_the_base_folder_is_refused(where, adapter, tmp_path, zo
     sharded_base(base, name)
     if where == "symlink":
         (base / name).symlink_to(victim)
-    refused(zoo_cli, base, tmp_path / "out", "which is not a file of")
+    refused(zoo_cli, base, tmp_path / "out", "which is not a safetensors file of")
     # with --out beside the victim, a merge used to read it as a shard and write `out/<absolute path>` = the victim itself
-    refused(zoo_cli, base, tmp_path / "out2", "which is not a file of")
+    refused(zoo_cli, base, tmp_path / "out2", "which is not a safetensors file of")
     assert victim.read_bytes() == before
 
 
@@ -133,3 +133,52 @@ def test_a_delta_that_overflows_is_refused(tmp_path, zoo_cli):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model.safetensors").write_bytes(shard())
     refused(zoo_cli, tmp_path / "base", tmp_path / "out", "the adapters' deltas overflow")
+
+
+def test_an_index_naming_a_shard_without_the_weight_extension_is_refused(adapter, tmp_path, zoo_cli):
+    base = sharded_base(tmp_path / "base", "tokenizer.json")
+    (base / "tokenizer.json").write_bytes(shard())
+    refused(zoo_cli, base, tmp_path / "out", "'tokenizer.json', which is not a safetensors file of")
+
+
+OTHER = "model.layers.0.self_attn.k_proj.weight"
+
+
+@pytest.mark.parametrize("second, expected", [
+    ([KEY, OTHER], "tensor 'model.layers.0.self_attn.q_proj.weight' is in both s1.safetensors and s2.safetensors"),
+    ([KEY], "maps tensor 'model.layers.0.self_attn.k_proj.weight' to 's2.safetensors', but it is in s1.safetensors"),
+])
+def test_a_tensor_in_two_shards_or_not_where_the_index_says_is_refused(second, expected, adapter, tmp_path, zoo_cli):
+    base = tmp_path / "base"
+    base.mkdir()
+    first = [KEY] if len(second) == 2 else [OTHER]
+    weight_map = {KEY: "s1.safetensors", OTHER: "s2.safetensors"}
+    (base / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name, keys in (("s1.safetensors", first), ("s2.safetensors", second)):
+        header = {k: {"dtype": "F32", "shape": [4, 4], "data_offsets": [64 * i, 64 * (i + 1)]} for i, k in enumerate(keys)}
+        (base / name).write_bytes(safetensors_bytes(header, struct.pack(f"<{16 * len(keys)}f", *[0.25] * 16 * len(keys))))
+    refused(zoo_cli, base, tmp_path / "out", expected)
+
+
+def test_a_file_linking_out_of_the_base_is_not_copied(adapter, tmp_path, zoo_cli):
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(shard())
+    (base / "tokenizer.json").symlink_to(secret)
+    refused(zoo_cli, base, tmp_path / "out", "tokenizer.json links out of")
+
+
+def test_a_sharded_base_in_the_hf_cache_layout_merges(adapter, tmp_path, zoo_cli):
+    repo = tmp_path / "hub" / "models--org--base"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = sharded_base(repo / "snapshots" / "abc123", "model-00001-of-00001.safetensors")
+    (repo / "blobs" / "1111").write_bytes(shard())
+    (repo / "blobs" / "2222").write_text("{}")
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to("../../blobs/1111")
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/2222")
+    code, out, err = zoo_cli("merge", "a", "--base", snapshot, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").is_file()

@@ -131,3 +131,61 @@ def test_push_publishes_no_local_path(server, tmp_path, zoo_cli):
         assert str(tmp_path) not in zoo_json and "/me/" not in zoo_json, zoo_json
         assert str(tmp_path) not in head.tree["README.md"].data.decode()
     assert json.loads(server.repos[("model", "org/duo")].commits[server.repos[("model", "org/duo")].branches["main"]].tree["zoo.json"].data)["source"]["recipe"]["train"] == "train.jsonl"
+
+
+@pytest.mark.parametrize("separator", ["%20", "\u00a0", "%20%20", ":\t"])
+def test_redact_hides_a_bearer_token_after_any_separator(separator):
+    from zoo.hub import redact
+
+    out = redact(f"Authorization: Bearer{separator}hf_abcdefghijkl")
+    assert "abcdefghijkl" not in out and "***" in out
+
+
+def test_redact_hides_hf_tokens_glued_to_text_and_the_callers_own_token(monkeypatch):
+    from zoo.hub import redact
+
+    monkeypatch.setenv("HF_TOKEN", "hf_Secret0wnToken99")
+    out = redact("x=abchf_abcdefg1 / auth Secret0wnToken99 / hf_Secret0wnToken99 hf_hub/2.4.0")
+    assert "abcdefg1" not in out and "Secret0wnToken99" not in out and "hf_hub/2.4.0" in out
+
+
+def test_pull_of_a_repo_with_zoo_json_checks_tensor_values(server, tmp_path, zoo_cli):
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    folder = write_adapter(tmp_path / "a", 1)
+    m = manifest_of(folder)
+    tensors = load_file(folder / WEIGHTS)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, folder / WEIGHTS)
+    data = (folder / WEIGHTS).read_bytes()
+    for f in m["files"]:
+        if f["path"] == WEIGHTS:
+            f.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    server.commit("org/nanw", pushed_files(folder, m))
+    one_line(*zoo_cli("pull", "org/nanw"), "holds NaN")
+
+
+def test_push_publishes_no_local_path_of_an_extracted_and_resized_adapter(tmp_path, zoo_cli):
+    """Recipe dicts at any depth (extract.base/tuned, resize.from) and the adapter_config.json `extract` writes."""
+    import torch
+
+    from tests.tiny import tiny_llama
+    from zoo.api import open_store
+    from zoo.hub import published_manifest
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    code, out, err = zoo_cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "1", "--name", "x")
+    assert code == 0, err
+    code, out, err = zoo_cli("resize", "x", "--name", "y", "--rank", "1")
+    assert code == 0, err
+    for name in ("x", "y"):
+        assert str(tmp_path) not in json.dumps(published_manifest(zoo.show(name)))
+        config = next(f for f in zoo.show(name).files if f.path == CONFIG)
+        assert str(tmp_path) not in open_store().blob_path(config.sha256).read_text(), name

@@ -299,3 +299,64 @@ def test_a_pickle_that_inflates_is_refused_before_it_allocates(tmp_path, zoo_cli
     one_line(*zoo_cli("add", tmp_path / "legacy", "--name", "a", "--allow-pickle"), "is not a torch zip archive")
     registry_still_reads(zoo_cli)
     assert zoo_cli("add", pickled_adapter(tmp_path / "fine", plain), "--name", "fine", "--allow-pickle")[0] == 0
+
+
+def test_non_finite_fusion_weights_are_refused_at_add(tmp_path):
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_adapterhub import ROOT
+    from zoo.errors import ZooError
+
+    with warnings.catch_warnings():  # "seq" carries a prediction head, skipped with a warning
+        warnings.simplefilter("ignore")
+        for name in ("seq", "seq2"):
+            zoo.add(ROOT / "bert" / "adapters" / name, name=name, allow_pickle=True)
+    fusion = tmp_path / "fusion"
+    shutil.copytree(ROOT / "bert" / "fusions" / "seq_seq2", fusion)
+    weights = next(fusion.glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("inf"))
+    save_file(tensors, weights)
+    with pytest.raises(ZooError, match="holds ±Inf"):
+        zoo.add(fusion, name="fuse")
+
+
+@pytest.mark.parametrize("ref", ["a@1 ", " a", "a\n", "a@1\n"])
+def test_references_with_whitespace_are_refused_by_every_command(ref, tmp_path, zoo_cli):
+    assert zoo_cli("add", write_adapter(tmp_path / "a", 1), "--name", "a")[0] == 0
+    for command in (["show", ref], ["export", ref, "--out", tmp_path / "x"], ["check", ref, "--for", "peft"], ["resize", ref, "--name", "r", "--rank", "1"]):
+        code, out, err = zoo_cli(*command)
+        assert code == 2 and "invalid reference" in err, (command, code, err)
+
+
+def test_a_name_ending_in_a_newline_is_refused():
+    from zoo.errors import ZooError
+    from zoo.manifest import check_name
+
+    with pytest.raises(ZooError):
+        check_name("good\n")
+
+
+def test_strings_that_are_not_utf8_are_refused_in_one_line(tmp_path, zoo_cli):
+    folder = write_adapter(tmp_path / "a", 1)
+    one_line(*zoo_cli("add", folder, "--name", "a", "--task", "\udcff"), "holds bytes that are not UTF-8")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["revision"] = "\udcff"
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # ASCII JSON: the escape \udcff
+    one_line(*zoo_cli("add", folder, "--name", "b"), "holds bytes that are not UTF-8")
+    registry_still_reads(zoo_cli)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["list", "--limit", "99999999999999999999999"], "--limit 99999999999999999999999 is too large"),
+    (["compose", "a+b", "--name", "c", "--fusion", "weighted", "--seed", "99999999999999999999999"], "is out of range"),
+    (["resize", "a", "--name", "r", "--sv-ratio", "inf"], "sv_ratio must be a finite number"),
+])
+def test_numbers_too_large_are_one_line(args, expected, tmp_path, zoo_cli):
+    for name in ("a", "b"):
+        assert zoo_cli("add", write_adapter(tmp_path / name, 1), "--name", name)[0] == 0
+    one_line(*zoo_cli(*args), expected)

@@ -57,7 +57,7 @@ def split_adapters(adapters: PathLike | Iterable[PathLike]) -> list[str]:
     items = adapters.split("+") if isinstance(adapters, str) else [os.fspath(a) for a in adapters]
     if any(not a.strip() for a in items):
         raise ZooError(f"empty adapter name in {adapters!r}", "write a+b or a list of names")
-    return [a.strip() for a in items]
+    return items  # not stripped: 'a ' is refused by the reference parser here as by every other command
 
 
 # --- measuring an adapter ---------------------------------------------------------------------------

@@ -212,6 +212,8 @@ def compose(
     check_finite(density=density, lr=lr, prune_below=prune_below, temperature=temperature)
     if fusion not in FUSIONS:
         raise ZooError(f"unknown fusion {fusion!r}", f"use one of {', '.join(FUSIONS)}")
+    if not -(2**63) <= seed < 2**63:  # what torch's generators and the registry's integers hold
+        raise ZooError(f"--seed {seed} is out of range", "give a seed between -2**63 and 2**63 - 1")
     given = dict(weights=weights, method=method, rank=rank, density=density, seed=seed, base=base, train=train, epochs=epochs, lr=lr,
                  batch_size=batch_size, drop_train=drop_train, prune_below=prune_below, temperature=temperature)
     defaults = {k: p.default for k, p in signature(compose).parameters.items()}
@@ -280,6 +282,7 @@ def register_fusion_folder(
     from zoo.api import measure_tensors
     from zoo.formats.adapterhub import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAMES, read_adapterhub_fusion
     from zoo.formats.peft import weights_file
+    from zoo.formats.tensor_values import check_tensor_values
 
     check_name(name)
     config, _, meta = read_adapterhub_fusion(folder, allow_pickle=allow_pickle)
@@ -298,6 +301,7 @@ def register_fusion_folder(
             state = peft_format.load_pickle_state(weights)
             weights = Path(work) / FUSION_WEIGHTS_NAMES[0]
             save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+        check_tensor_values(weights)  # as for an adapter: no NaN, ±Inf or integer weights
         store = open_store()
         files = [store.put(folder / FUSION_CONFIG_NAME, FUSION_CONFIG_NAME, move=staged),
                  store.put(weights, FUSION_WEIGHTS_NAMES[0], move=staged and weights.parent == folder)]

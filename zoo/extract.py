@@ -105,7 +105,7 @@ def extract(
     from compose.merge.shards import ShardReader, map_large_allocations, read_layout
     from zoo.api import open_registry, register_folder
     from zoo.formats import peft as peft_format
-    from zoo.manifest import Source, check_name
+    from zoo.manifest import BaseModelRef, Source, check_name
     from zoo.merge import check_base_headers
 
     start = time.perf_counter()
@@ -199,9 +199,21 @@ def extract(
     architecture = (config.get("architectures") or [""])[0]  # a causal LM loads back as one (zoo.load picks the class by task type)
     task_type = "CAUSAL_LM" if architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None
     with tempfile.TemporaryDirectory() as work:
-        folder = peft_format.save_adapter(Path(work) / name, lora, state, base_model=str(base), task_type=task_type)
+        # the adapter's own config names the base only by Hub id (it travels with pushes and exports); the registry
+        # keeps the local folder, which `zoo merge` checks its --base against
+        folder = peft_format.save_adapter(Path(work) / name, lora, state, base_model=_hub_id_of(base), task_type=task_type)
         recipe = {"extract": {"base": str(base), "tuned": str(tuned), "rank": rank, "sv_threshold": sv_threshold, "save_changed": save_changed}}
-        manifest = register_folder(folder, name=name, source=Source(kind="local", recipe=recipe), task=task, registry=registry)
+        base_model = BaseModelRef(name_or_path=str(base), model_type=config.get("model_type"), architecture=architecture or None)
+        manifest = register_folder(folder, name=name, source=Source(kind="local", recipe=recipe), task=task, base_model=base_model, registry=registry)
     report.ref = manifest.ref
     report.seconds, report.peak_rss_bytes = time.perf_counter() - start, _peak_rss()
     return report
+
+
+def _hub_id_of(folder: Path) -> str | None:
+    """`org/name` for a snapshot of the Hugging Face cache (`…/models--org--name/snapshots/REV`), else None: a
+    local path means nothing on another machine and may name the user's home."""
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return None

@@ -27,6 +27,7 @@ from zoo.api import PathLike, adapter_folder, measure_size, open_registry, open_
 from zoo.errors import ZooError
 from zoo.formats import peft as peft_format
 from zoo.formats.adapterhub import FUSION_CONFIG_NAME as ADAPTERHUB_FUSION_CONFIG
+from zoo.formats.tensor_values import check_tensor_values
 from zoo.formats.adapterhub import FUSION_WEIGHTS_NAMES as ADAPTERHUB_FUSION_WEIGHTS
 from zoo.formats.folder import WEIGHTS_NAMES
 from zoo.formats.peft import CONFIG_NAME
@@ -66,18 +67,37 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-#: Credentials a server (or a proxy in front of it) may quote back in an error: Hub tokens and bearer headers.
-_SECRETS = re.compile(r"(?i)(bearer\s+)\S+|\bhf_[A-Za-z0-9_]{8,}|(token[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+")
+#: Credentials a server (or a proxy in front of it) may quote back in an error: Hub tokens and bearer headers. The
+#: bearer's separator may be any run of non-alphanumerics, URL-encoded ones (`%20`) included; `hf_…` is hidden
+#: wherever it stands, glued to other text or not.
+_SECRETS = re.compile(
+    r"(?i)(bearer(?:%[0-9a-f]{2}|[^a-z0-9%])+)\S+|hf_[A-Za-z0-9]{6,}[A-Za-z0-9_]*"
+    r"|(token[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"
+)
 
 
 def redact(text: str) -> str:
-    """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`): what a server answers is
-    printed, and a proxy that echoes the request's headers would otherwise print the caller's token."""
+    """`text` with every token in it replaced by `***` (`hf_…`, `Bearer …`, `token=…`, and the caller's own token,
+    `HF_TOKEN` or the stored login, with or without its `hf_` prefix): what a server answers is printed, and a proxy
+    that echoes the request's headers would otherwise print the caller's token."""
     def hide(m: re.Match) -> str:
         kept = m.group(1) or m.group(2)  # "Bearer " or "token=": kept, the secret after it hidden
         return f"{kept}***" if kept else "hf_***"
 
-    return _SECRETS.sub(hide, text)
+    text = _SECRETS.sub(hide, text)
+    for secret in _own_token_forms():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _own_token_forms() -> list[str]:
+    """The caller's token as it may appear in text: whole and without its `hf_` prefix (too short a one is left
+    alone, as replacing it would garble ordinary words)."""
+    from huggingface_hub import get_token
+
+    token = (get_token() or "").strip()
+    forms = [token, token.removeprefix("hf_")]
+    return [form for form in dict.fromkeys(forms) if len(form) >= 6]
 
 
 @contextmanager
@@ -264,6 +284,9 @@ def _restore(folder: Path, source: Source, name: str | None, where: str, registr
                 f"{where}: {ZOO_MANIFEST} lists {f.path} with sha256 {f.sha256[:12]}… ({f.size:,} bytes), the repo has {got[0][:12]}… ({got[1]:,} bytes)",
                 "the repo's files changed after `zoo push`: push the adapter again",
             )
+    for f in manifest.files:  # the values `zoo add` refuses (NaN, ±Inf, integer weights) are refused here too
+        if f.path.endswith(".safetensors"):
+            check_tensor_values(folder / f.path)
     if isinstance(manifest, AdapterManifest):
         _check_against_files(manifest, folder, where)
     if isinstance(manifest, AdapterManifest):  # sizes and ranks are measured, never taken from input
@@ -360,18 +383,26 @@ def published_manifest(manifest: Manifest) -> dict[str, Any]:
     base model loaded from a folder."""
     published = manifest.model_dump(mode="json")
     published["source"]["path"] = None
-    recipe = published["source"]["recipe"]
-    for key, value in recipe.items():
-        if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
-            recipe[key] = PureWindowsPath(value).name  # splits at / and \ alike
+    published["source"]["recipe"] = _without_paths(published["source"]["recipe"])
     if not is_hub_id(published["base_model"]["name_or_path"]):
         published["base_model"]["name_or_path"] = None
     return published
 
 
+def _without_paths(value: Any) -> Any:
+    """`value` (a recipe, at any depth: `extract.base`, `resize.from`) with each path-like string cut to its name."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value or value.startswith("~")):
+        return PureWindowsPath(value).name  # splits at / and \ alike
+    return value
+
+
 def is_hub_id(name_or_path: str | None) -> bool:
     """A Hub model id (`gpt2`, `org/name`) rather than a local path."""
-    return bool(name_or_path) and _REPO_ID.match(name_or_path) is not None and ".." not in name_or_path
+    return bool(name_or_path) and _REPO_ID.fullmatch(name_or_path) is not None and ".." not in name_or_path
 
 
 def model_card(manifest: Manifest, repo_id: str, branch: str | None = None) -> ModelCard:

@@ -65,7 +65,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def check_name(name: str) -> str:
     """A registry name: letters, digits, '.', '_', '-' (no path separators, no '..')."""
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise ZooError(
             f"invalid adapter name {name!r}",
             "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -121,8 +121,31 @@ def _finite_json(value: Any) -> Any:
 FiniteJson = Annotated[dict[str, Any], AfterValidator(_finite_json)]
 
 
+def _check_utf8(value: Any) -> None:
+    """Raise a one-line `ZooError` for a string (at any depth of a dict or list) that UTF-8 cannot encode: argv
+    bytes that are not UTF-8 arrive as lone surrogates, which no JSON file can store."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ZooError(f"{value!r:.60} holds bytes that are not UTF-8", "write it in plain text (UTF-8)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_utf8(k)
+            _check_utf8(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_utf8(v)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number of a manifest survives JSON
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        _check_utf8(value)  # every string of a manifest survives JSON too
+        return value
 
 
 class BaseModelRef(_Strict):
@@ -157,7 +180,7 @@ class FileEntry(_Strict):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, v: str) -> str:
-        if not SHA256_RE.match(v):
+        if not SHA256_RE.fullmatch(v):
             raise ValueError("must be 64 lowercase hex digits")
         return v
 

@@ -120,5 +120,6 @@ def resize(
     recipe = {"resize": {"from": resolved.manifest.ref if resolved.manifest else adapter, "rank": rank, "sv_ratio": sv_ratio, "sv_fro": sv_fro}}
     with tempfile.TemporaryDirectory() as work:
         folder = peft_format.save_adapter(Path(work) / name, new, state, base_model=resolved.base_model, task_type=resolved.task_type)
-        report.ref = register_folder(folder, name=name, source=Source(kind="local", recipe=recipe), registry=registry).ref
+        report.ref = register_folder(folder, name=name, source=Source(kind="local", recipe=recipe),
+                                     base_model=resolved.manifest.base_model if resolved.manifest else None, registry=registry).ref
     return report

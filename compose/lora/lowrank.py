@@ -15,6 +15,8 @@ Rank rules (kohya's `resize_lora` names; at least 1 component is always kept):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from compose.errors import CompositionError
@@ -61,6 +63,8 @@ def check_rule(**rule: float | int | None) -> tuple[str, float]:
     if set(rule) - set(RULES) or len(given) != 1:
         raise CompositionError(f"give exactly one of {', '.join(RULES)} (got {', '.join(given) or 'none'})")
     (name, value), = given.items()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CompositionError(f"{name} must be a finite number, got {value!r}")
     if name == "rank" and (not isinstance(value, int) or value < 1):
         raise CompositionError(f"rank must be a positive integer, got {value!r}")
     if name == "sv_ratio" and not value >= 1:

@@ -36,7 +36,7 @@ from torch import nn
 from compose.durable import fsync_dir, fsync_file, held_temp_dir, sweep
 from compose.errors import CompositionError
 from compose.merge.report import MergeReport, ModuleReport, QuantError
-from compose.merge.shards import INDEX_NAME, ShardReader, ShardWriter, is_weight_file, read_json, read_layout
+from compose.merge.shards import INDEX_NAME, Layout, ShardReader, ShardWriter, is_weight_file, read_json, read_layout, stays_inside
 
 CONFIG_NAME = "config.json"
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -123,7 +123,7 @@ def merge_checkpoint(
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method") if isinstance(config["quantization_config"], dict) else None
         raise CompositionError(f"{base_dir} is already quantized ({method}); merge into its full-precision base, naming the quantization (--quantize / quantize=)")
-    shapes = _shapes(base_dir, layout.shards)
+    shapes = _shapes(base_dir, layout)
     conv1d, quantized, tied = _structure(config, shapes, quantize, dtype, double_quant, base_dir)
     targets = _targets(deltas, weights or {}, shapes, conv1d, tied, quantize)
     conv1d = conv1d or set()
@@ -244,14 +244,22 @@ def _bnb():
     return bnb
 
 
-def _shapes(base_dir: Path, shards: list[str]) -> dict[str, list[int]]:
-    """Every tensor's shape, from the shards' headers."""
-    shapes = {}
-    for shard in shards:
+def _shapes(base_dir: Path, layout: Layout) -> dict[str, list[int]]:
+    """Every tensor's shape, from the shards' headers. Each tensor must be in one shard, the one the index maps it
+    to: a second copy would overwrite the first's merge in the output."""
+    shapes: dict[str, list[int]] = {}
+    home: dict[str, str] = {}
+    weight_map = layout.index["weight_map"] if layout.index is not None else None
+    for shard in layout.shards:
         if not (base_dir / shard).is_file():
             raise CompositionError(f"{base_dir / shard} is missing; the index names it — download the whole checkpoint")
         with ShardReader(base_dir / shard) as f:
-            shapes.update((k, f.shape(k)) for k in f.keys())
+            for k in f.keys():
+                if k in home:
+                    raise CompositionError(f"{base_dir}: tensor {k!r} is in both {home[k]} and {shard}; re-download the checkpoint")
+                if weight_map is not None and weight_map.get(k) != shard:
+                    raise CompositionError(f"{base_dir / INDEX_NAME} maps tensor {k!r} to {weight_map.get(k)!r}, but it is in {shard}; re-download the checkpoint")
+                shapes[k], home[k] = f.shape(k), shard
     return shapes
 
 
@@ -379,6 +387,8 @@ def _write_config_and_files(
         (out / INDEX_NAME).write_text(json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     for item in base_dir.iterdir():
         if item.is_file() and item.name != CONFIG_NAME and not is_weight_file(item.name):
+            if not stays_inside(base_dir, item):  # a link to some other file of the machine is never published with the merge
+                raise CompositionError(f"{item} links out of {base_dir}; copy the file itself into the base folder")
             shutil.copy2(item, out / item.name)
     if not config:
         return

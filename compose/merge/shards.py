@@ -78,12 +78,22 @@ def read_json(path: Path, max_bytes: int = 64 << 20) -> dict:
 
 
 def _check_shard_name(folder: Path, name: str) -> None:
-    """A shard the index names must be a file of `folder` itself: an absolute path, '..' or a link out of the
-    folder would make a merge read (and a merge into the base folder's neighbour rewrite) some other file."""
+    """A shard the index names must be a safetensors file of `folder` itself: an absolute path, '..' or a link out
+    of the folder would make a merge read (and a merge into the base folder's neighbour rewrite) some other file,
+    and a name without the weight extension would have the folder's other files copied over the merged shard."""
     path = folder / name
-    inside = path.resolve().parent == folder.resolve() if path.exists() or path.is_symlink() else True
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not inside:
-        raise CompositionError(f"{folder / INDEX_NAME} names shard {name!r}, which is not a file of {folder}; a shard index names files beside it")
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or not name.endswith(".safetensors") or not stays_inside(folder, path):
+        raise CompositionError(f"{folder / INDEX_NAME} names shard {name!r}, which is not a safetensors file of {folder}; a shard index names files beside it")
+
+
+def stays_inside(folder: Path, path: Path) -> bool:
+    """Whether `path` (in `folder`, maybe a link) resolves inside the checkpoint: `folder` itself, or for a
+    snapshot of the Hugging Face cache (`models--org--name/snapshots/REV`) that repo's cache folder, whose
+    `blobs/` the snapshot's files link to."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return path.resolve().is_relative_to(root.parent.parent)
+    return path.resolve().parent == root
 
 
 def is_weight_file(name: str) -> bool:

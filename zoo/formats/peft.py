@@ -253,8 +253,14 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 def save_adapter(
     folder: Path, config: MethodConfig, state: dict[str, torch.Tensor], *, base_model: str | None, task_type: str | None
 ) -> Path:
-    """Write a PEFT adapter folder (loadable by peft, vLLM and `zoo add`) from engine-keyed tensors."""
+    """Write a PEFT adapter folder (loadable by peft, vLLM and `zoo add`) from engine-keyed tensors. Its config
+    names `base_model` only if it is a Hub id: a local path means nothing elsewhere and may name the user's home
+    (the registry keeps it in the manifest)."""
     from safetensors.torch import save_file
+
+    from zoo.hub import is_hub_id
+
+    base_model = base_model if is_hub_id(base_model) else None
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
