@@ -92,6 +92,12 @@ def test_missing_folder_says_so(zoo_cli, base):
     assert code == 2 and err == f"error: folder {base!r} does not exist — check the path (a typo?), or pass a Hub repo id such as org/name\n"
 
 
+def test_missing_adapter_folder_says_so(zoo_cli, llama):
+    base, _, _ = llama
+    code, out, err = zoo_cli("run", base, "-p", "hi", "--adapters", "./typo-adapter")
+    assert code == 2 and err == "error: adapter folder './typo-adapter' does not exist — check the path (a typo?), or write NAME[@VERSION] for a registered adapter\n"
+
+
 def test_unreachable_hub_is_one_line_within_seconds(tmp_path):
     """No network: the client's retries (1+2+4+8+8 s per file) are not waited for."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

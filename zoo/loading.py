@@ -68,6 +68,8 @@ def resolve(items: str | Iterable[str], *, registry: PathLike | None = None, all
     out = Resolved()
     for item in split_adapters(items):
         if is_path(item):  # ./s, /abs/s: a bare name is always a registry entry
+            if not Path(item).exists():
+                raise ZooError(f"adapter folder {item!r} does not exist", "check the path (a typo?), or write NAME[@VERSION] for a registered adapter")
             if not Path(item).is_dir():
                 raise ZooError(f"{item!r} is not an adapter folder, nor a registry reference", "write NAME[@VERSION] for a registered adapter, or the path of a folder")
             with tempfile.TemporaryDirectory() as work:
