@@ -132,8 +132,9 @@ def _read_reports(fd: int, seen: bytes = b"") -> list[str]:
     return b"".join(chunks).decode().splitlines()
 
 
-def check_after_kill(reports: list[str], home: Path) -> dict[str, int]:
-    """The registry loads and holds exactly what was committed, give or take the one operation in flight."""
+def check_after_kill(reports: list[str], home: Path, registry: str | None = None) -> dict[str, int]:
+    """The registry (default: the SQLite one in `home`) loads and holds exactly what was committed, give or
+    take the one operation in flight."""
     committed: set[str] = set()
     in_flight = None
     for line in reports:
@@ -143,7 +144,7 @@ def check_after_kill(reports: list[str], home: Path) -> dict[str, int]:
             op, name = line.split()
             committed.add(name) if op == "+" else committed.discard(name)
             in_flight = None
-    names = {m.name for m in zoo.api.open_registry(str(home / "registry.db")).read()}
+    names = {m.name for m in zoo.api.open_registry(registry or str(home / "registry.db")).read()}
     maybe_added = {in_flight[2:]} if in_flight and in_flight[0] == "+" else set()
     maybe_removed = {in_flight[2:]} if in_flight and in_flight[0] == "-" else set()
     assert committed - maybe_removed <= names <= committed | maybe_added, (sorted(committed), sorted(names), in_flight)
