@@ -80,7 +80,8 @@ class DeltaLayer(Delegating):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every unmerged adapter's ΔW into the base weight (in its dtype), so they no longer run in the forward.
+        """Fold every unmerged adapter's ΔW into the base weight, so they no longer run in the forward. In place in the
+        weight's dtype, ΔW not cast first: PEFT's rounding over half-precision bases.
 
         Into a copy first, stored as the weight's data (tied parameters follow), as `LoraLayer.merge` does:
         writing into a weight transformers maps from the file would fault its pages in one by one.
@@ -90,7 +91,7 @@ class DeltaLayer(Delegating):
             return
         weight = self.base_weight().clone()
         for name in todo:
-            weight += self.adapters[name].delta_weight().to(weight.dtype)
+            weight += self.adapters[name].delta_weight()
             self.merged.append(name)
         self.base_layer.weight.data = weight.T if self.kind == "conv1d" else weight
 
@@ -100,7 +101,7 @@ class DeltaLayer(Delegating):
         weight = self.base_weight()
         for name in reversed(list(self.merged)):
             if names is None or name in names:
-                weight -= self.adapters[name].delta_weight().to(weight.dtype)
+                weight -= self.adapters[name].delta_weight()
                 self.merged.remove(name)
 
 

@@ -23,6 +23,7 @@ from compose.loha.model import attach_loha, detach_loha
 from compose.lokr.config import LoKrConfig
 from compose.lokr.model import attach_lokr, detach_lokr
 from compose.lora.config import LoraConfig
+from compose.lora.layer import base_features
 from compose.lora.model import attach_lora
 from compose.vera.config import VeraConfig
 from compose.vera.model import attach_vera, detach_vera
@@ -122,9 +123,9 @@ def test_tensor_shapes_are_the_files(tmp_path, method, arch):
     base, _, adapter = make_case(tmp_path, method, arch)
     config, state = read(adapter, method)
     model = attached(base, method, adapter)
-    targets = {path: (m.base_layer.weight.shape[::-1] if m.kind == "linear" else m.base_layer.weight.shape) for path, m in model.named_modules() if isinstance(m, DeltaLayer)}
+    targets = {path: base_features(m.base_layer) for path, m in model.named_modules() if isinstance(m, DeltaLayer)}
     on_file = {k: tuple(t.shape) for k, t in state.items() if not k.startswith("classifier.")}
-    assert config.tensor_shapes({p: tuple(s) for p, s in targets.items()}) == on_file
+    assert config.tensor_shapes(targets) == on_file
 
 
 @pytest.mark.parametrize("method,arch", CASES)
