@@ -18,6 +18,8 @@ from torch import nn
 
 from compose.delta import DeltaLayer, attached_deltas, convert_to_lora, merge_deltas, unmerge_deltas
 from compose.errors import CompositionError
+from compose.ia3.config import IA3Config
+from compose.ia3.model import attach_ia3
 from compose.loha.config import LoHaConfig
 from compose.loha.model import attach_loha, detach_loha
 from compose.lokr.config import LoKrConfig
@@ -227,23 +229,24 @@ def test_two_vera_adapters_stack_as_in_peft(tmp_path):
     torch.testing.assert_close(logits(model, ids), logits(peft_model(base, b), ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
-def test_conversion_to_lora(tmp_path, method):
+def test_conversion_to_lora(tmp_path, method, arch):
     """At full rank the LoRA is the adapter (ΔW = B·A, and the same logits through compose.lora); truncated, it is
     PEFT's `convert_to_lora` and its error is the share of the dropped singular values."""
     import peft
 
-    base, oracle_base, adapter = make_case(tmp_path, method, "bert")
+    base, oracle_base, adapter = make_case(tmp_path, method, arch)
     ids = token_ids()
     model = attached(base, method, adapter)
     deltas = {path: m.adapters["a"].delta_weight() for path, m in model.named_modules() if isinstance(m, DeltaLayer)}
 
-    config, state, errors = convert_to_lora(model, "a", 64)  # ≥ min(out, in) of every module: exact
+    config, state, errors = convert_to_lora(model, "a", 96)  # ≥ min(out, in) of every module: exact
     for path, delta in deltas.items():
         torch.testing.assert_close(state[f"{path}.lora_B.weight"] @ state[f"{path}.lora_A.weight"], delta, atol=1e-5, rtol=0)
         assert errors[path] < 1e-6
     as_lora = copy.deepcopy(base)
-    attach_lora(as_lora, "a", config, state)  # the classifier copy comes along
+    attach_lora(as_lora, "a", config, state)  # BERT's classifier copy comes along
     torch.testing.assert_close(logits(as_lora, ids), logits(peft_model(oracle_base, adapter), ids), atol=1e-5, rtol=0)
 
     _, state, errors = convert_to_lora(model, "a", 1)
@@ -278,6 +281,10 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     refused("hada_w2_b' .* is missing", "a", config, incomplete)
     refused("module 'model.embed_tokens' is a Embedding; LoHa supports Linear", "a", config, state | {"model.embed_tokens.hada_w1_a": torch.zeros(1)})
     refused("has no 'hada_\\*' tensors", "a", config, {})
+    ia3 = copy.deepcopy(base)
+    attach_ia3(ia3, "s", IA3Config(), {"model.layers.0.self_attn.q_proj.ia3_l": torch.ones(32, 1)})
+    with pytest.raises(CompositionError, match="module 'model.layers.0.self_attn.q_proj' is a IA3Layer; LoHa supports Linear"):
+        attach_loha(ia3, "a", config, state)
 
     attach_loha(model, "a", config, state)
     with pytest.raises(CompositionError, match="'a' is already attached"):
@@ -293,3 +300,5 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     with pytest.raises(CompositionError, match="'vera_B' of VeRA adapter 'v' \\(r=8\\) has shape \\(16, 8\\) but its config makes it \\(32, 8\\)"):
         attach_vera(model, "v", vera_config, small)
     assert attached_deltas(model) == {"a": "loha"}
+    with pytest.raises(CompositionError, match="is a DeltaLayer"):  # compose.lora wraps only plain modules: attach LoRA first
+        attach_lora(model, "l", LoraConfig(r=1, lora_alpha=1), {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 32), "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 1)})
