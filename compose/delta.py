@@ -30,10 +30,6 @@ from compose.lora.layer import LoraLayer, adapter_dtype, base_features, base_kin
 from compose.lora.weighted import _truncate
 from compose.modules import get_module, replace_module
 
-#: method name → the name messages and `compose.heads` give it
-TITLES = {"loha": "LoHa", "lokr": "LoKr", "vera": "VeRA"}
-
-
 class DeltaAdapter(nn.Module):
     """One adapter's tensors at one module (`tensors`, named as in PEFT's files without the module path)."""
 
@@ -119,7 +115,7 @@ def split_state(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, 
     return modules, full
 
 
-def find_targets(model: nn.Module, keys: list[str], method: str) -> dict[str, tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, keys: list[str], title: str) -> dict[str, tuple[str, nn.Module]]:
     """{module key as the adapter names it: (its path in `model`, the Linear/Conv1D it adapts)}; model untouched.
 
     Raises:
@@ -132,11 +128,11 @@ def find_targets(model: nn.Module, keys: list[str], method: str) -> dict[str, tu
         module = get_module(model, path)
         if isinstance(module, DeltaLayer):
             if module.merged:
-                raise CompositionError(f"module '{path}' has merged adapters; unmerge_deltas(model) before attaching {TITLES[method]} adapters")
+                raise CompositionError(f"module '{path}' has merged adapters; unmerge_deltas(model) before attaching {title} adapters")
             module = module.base_layer
         inner = module.base_layer if isinstance(module, LoraLayer) else module
         if base_kind(inner) not in ("linear", "conv1d"):
-            raise CompositionError(f"module '{path}' is a {type(inner).__name__}; {TITLES[method]} supports Linear and GPT-2 Conv1D targets")
+            raise CompositionError(f"module '{path}' is a {type(inner).__name__}; {title} supports Linear and GPT-2 Conv1D targets")
         targets[key] = (path, inner)
     return targets
 
@@ -191,14 +187,14 @@ def attach_delta(
         [`CompositionError`]: `name` is taken; no tensors; a target or a `modules_to_save` tensor does not fit
             the model; a tensor is missing, extra or misshapen for the config. The model is untouched then.
     """
-    title = TITLES[config.method]
+    title = config.title
     registry = _registry(model)
     if name in registry:
-        raise CompositionError(f"adapter '{name}' is already attached ({TITLES[registry[name]]}); detach it first or choose another name")
+        raise CompositionError(f"adapter '{name}' is already attached ({registry[name].title}); detach it first or choose another name")
     modules, full = split_state(state, prefix)
     if not modules:
         raise CompositionError(f"{title} adapter '{name}' has no '{prefix}*' tensors; check that its state dict was loaded")
-    targets = find_targets(model, [k for k in modules if k], config.method)
+    targets = find_targets(model, [k for k in modules if k], title)
     check_tensors(
         {f"{k}.{n}" if k else n: t for k, tensors in modules.items() for n, t in tensors.items()},
         config.tensor_shapes({k: base_features(base) for k, (_, base) in targets.items()}),
@@ -214,22 +210,23 @@ def attach_delta(
             replace_module(model, path, layer)
         layer.adapters[name] = adapter
     attach_heads(model, name, title, heads)
-    registry[name] = config.method
+    registry[name] = config
 
 
-def detach_delta(model: nn.Module, method: str, name: str | None = None) -> nn.Module:
+def detach_delta(model: nn.Module, config_class: type, name: str | None = None) -> nn.Module:
     """
-    Take `method`'s adapter `name` (None: all of them) off `model` and return the model; a method's
-    `detach_<method>` calls this. Merged adapters are unmerged first; modules left without adapters get
-    their original objects back.
+    Take adapter `name` of the method `config_class` configures (None: all of its adapters) off `model` and
+    return the model; a method's `detach_<method>` calls this. Merged adapters are unmerged first; modules
+    left without adapters get their original objects back.
 
     Raises:
-        [`CompositionError`]: `name` is not an attached adapter of `method`.
+        [`CompositionError`]: `name` is not an attached adapter of that method.
     """
     registry = _registry(model)
-    mine = [n for n, m in registry.items() if m == method]
+    title = config_class.title
+    mine = [n for n, c in registry.items() if isinstance(c, config_class)]
     if name is not None and name not in mine:
-        raise CompositionError(f"{TITLES[method]} adapter '{name}' is not attached; attached {TITLES[method]} adapters: {mine}")
+        raise CompositionError(f"{title} adapter '{name}' is not attached; attached {title} adapters: {mine}")
     names = set(mine) if name is None else {name}
     for path, m in list(model.named_modules()):
         if isinstance(m, DeltaLayer):
@@ -238,7 +235,7 @@ def detach_delta(model: nn.Module, method: str, name: str | None = None) -> nn.M
                 del m.adapters[n]
             if not m.adapters:
                 replace_module(model, path, m.base_layer)
-    detach_heads(model, names, TITLES[method])
+    detach_heads(model, names, title)
     for n in names:
         del registry[n]
     return model
@@ -246,7 +243,7 @@ def detach_delta(model: nn.Module, method: str, name: str | None = None) -> nn.M
 
 def attached_deltas(model: nn.Module) -> dict[str, str]:
     """{adapter name: method} of the delta adapters attached to `model`, in attach order."""
-    return dict(_registry(model))
+    return {n: c.method for n, c in _registry(model).items()}
 
 
 def merge_deltas(model: nn.Module) -> None:
@@ -324,7 +321,7 @@ def convert_to_lora(model: nn.Module, name: str, rank: int | float) -> tuple[Lor
     return config, state, errors
 
 
-def _registry(model: nn.Module) -> dict[str, str]:
+def _registry(model: nn.Module) -> dict:
     if getattr(model, "_compose_delta", None) is None:
         model._compose_delta = {}
     return model._compose_delta

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from compose.lycoris import LycorisConfig
 
@@ -11,6 +11,7 @@ class LoHaConfig(LycorisConfig):
     """One LoHa adapter: what ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/r needs besides the tensors."""
 
     method: Literal["loha"] = "loha"
+    title: ClassVar[str] = "LoHa"
 
     def tensor_shapes(self, targets: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
         """

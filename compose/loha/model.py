@@ -40,4 +40,4 @@ def attach_loha(model: nn.Module, name: str, config: LoHaConfig, state: dict[str
 
 def detach_loha(model: nn.Module, name: str | None = None) -> nn.Module:
     """Take LoHa adapter `name` (None: every LoHa adapter) off `model` and return it (`compose.delta.detach_delta`)."""
-    return detach_delta(model, "loha", name)
+    return detach_delta(model, LoHaConfig, name)

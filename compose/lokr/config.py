@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -34,6 +34,7 @@ class LoKrConfig(LycorisConfig):
     """One LoKr adapter: what ΔW = (w1 ⊗ w2) · alpha/r needs besides the tensors."""
 
     method: Literal["lokr"] = "lokr"
+    title: ClassVar[str] = "LoKr"
     decompose_both: bool = Field(False, description="w1 is stored as a rank-r product too (when r < max of its sides / 2).")
     decompose_factor: int = Field(-1, description="Split in/out as (factor, dim/factor) when it divides them; -1: near the square root.")
     rank_dropout_scale: bool = Field(False, description="Training only: rescales rank dropout; no effect at inference.")

@@ -40,4 +40,4 @@ def attach_lokr(model: nn.Module, name: str, config: LoKrConfig, state: dict[str
 
 def detach_lokr(model: nn.Module, name: str | None = None) -> nn.Module:
     """Take LoKr adapter `name` (None: every LoKr adapter) off `model` and return it (`compose.delta.detach_delta`)."""
-    return detach_delta(model, "lokr", name)
+    return detach_delta(model, LoKrConfig, name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
@@ -13,6 +13,7 @@ class VeraConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["vera"] = "vera"
+    title: ClassVar[str] = "VeRA"
     r: PositiveInt = Field(256, description="Rank of the shared random projections (the length of λ_d).")
     projection_prng_key: int = Field(0, description="Seed that regenerates the projections when the file does not hold them.")
     save_projection: bool = Field(True, description="The file holds the projections (`vera_A`, `vera_B`); else they come from projection_prng_key.")

@@ -56,4 +56,4 @@ def attach_vera(model: nn.Module, name: str, config: VeraConfig, state: dict[str
 
 def detach_vera(model: nn.Module, name: str | None = None) -> nn.Module:
     """Take VeRA adapter `name` (None: every VeRA adapter) off `model` and return it (`compose.delta.detach_delta`)."""
-    return detach_delta(model, "vera", name)
+    return detach_delta(model, VeraConfig, name)
