@@ -1,9 +1,9 @@
 """Weight-delta adapters (LoHa, LoKr, VeRA): the layer, attach/detach, merge, and conversion to LoRA.
 
 Each of these methods changes a Linear or GPT-2 Conv1D by a weight delta ΔW (out, in) that its own tensors
-build. A method folder supplies the adapter module (a `DeltaAdapter`: its tensors, `delta_weight()` and the
-forward x·ΔWᵀ) and the checks of its tensors; the rest is here once, as PEFT's `lycoris_utils` is for LoHa
-and LoKr:
+build. A method folder supplies its config (whose `tensor_shapes` says what the adapter stores, and `title`
+its name in messages) and its adapter module (a `DeltaAdapter`: its tensors, `delta_weight()` and the forward
+x·ΔWᵀ); the rest is here once, as PEFT's `lycoris_utils` is for LoHa and LoKr:
 
     forward   y = base(x) + Σ x·ΔWᵢᵀ      over the module's attached adapters, whatever their method
     merge     W ← W + Σ ΔWᵢ               (in place; unmerge subtracts them again)
@@ -11,7 +11,7 @@ and LoKr:
 
 A module that already carries a LoRA layer is wrapped as it is (PEFT's mixed models nest the same way), so
 the deltas add to the LoRA adapters'. Every attached delta adapter is active. The model remembers them
-({name: method}, in attach order) in `model._compose_delta`.
+({name: config}, in attach order) in `model._compose_delta`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from compose.lora.config import LoraConfig
 from compose.lora.layer import LoraLayer, adapter_dtype, base_features, base_kind
 from compose.lora.weighted import _truncate
 from compose.modules import get_module, replace_module
+
 
 class DeltaAdapter(nn.Module):
     """One adapter's tensors at one module (`tensors`, named as in PEFT's files without the module path)."""
