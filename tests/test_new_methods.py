@@ -174,21 +174,12 @@ def test_stacked_with_lora_matches_peft_mixed(method):
     import peft
 
     base, ids = tiny_llama(), token_ids()
-    torch.manual_seed(0)
-    mixed = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), adapter_name="lora", mixed=True)
-    other = CASES[(method, "llama")]
-    mixed.add_adapter("other", getattr(peft, METHODS[method][3])(**other))
-    mixed.set_adapter(["lora", "other"])
-    with torch.no_grad():
-        for name, p in mixed.named_parameters():
-            if any(s in name for s in ("lora_", "hada_", "lokr_")):
-                p.copy_(0.3 * torch.randn_like(p))
-    state = {n: {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in peft.get_peft_model_state_dict(mixed, adapter_name=n).items()} for n in ("lora", "other")}
-
+    lora = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    mixed, state = mixed_model(base, ("lora", peft.LoraConfig(**lora)), ("other", getattr(peft, METHODS[method][3])(**CASES[(method, "llama")])))
     model = copy.deepcopy(base)
-    attach_lora(model, "lora", LoraConfig(r=2, lora_alpha=4), state["lora"])
-    METHODS[method][1](model, "other", METHODS[method][0](**other), state["other"])
-    torch.testing.assert_close(logits(model, ids), logits(mixed.eval(), ids), atol=1e-5, rtol=0)
+    attach_lora(model, "lora", LoraConfig(**lora), state["lora"])
+    METHODS[method][1](model, "other", METHODS[method][0](**CASES[(method, "llama")]), state["other"])
+    torch.testing.assert_close(logits(model, ids), logits(mixed, ids), atol=1e-5, rtol=0)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, DeltaLayer) and type(q_proj.base_layer).__name__ == "LoraLayer"
 
@@ -196,6 +187,47 @@ def test_stacked_with_lora_matches_peft_mixed(method):
     torch.testing.assert_close(logits(model, ids), logits(mixed, ids), atol=1e-5, rtol=0)
     METHODS[method][2](model, "other")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "LoraLayer"
+
+
+def test_loha_and_lokr_on_one_module_match_peft_mixed():
+    """Delta adapters of different methods at one module share its DeltaLayer; their deltas add, as in PEFT's mixed model."""
+    import peft
+
+    base, ids = tiny_llama(), token_ids()
+    loha, lokr = CASES[("loha", "llama")], CASES[("lokr", "llama")] | {"target_modules": ["q_proj", "o_proj"], "rank_pattern": {"o_proj": 1}}
+    mixed, state = mixed_model(base, ("loha", peft.LoHaConfig(**loha)), ("lokr", peft.LoKrConfig(**lokr)))
+    model = copy.deepcopy(base)
+    attach_loha(model, "loha", LoHaConfig(**loha), state["loha"])
+    attach_lokr(model, "lokr", LoKrConfig(**lokr), state["lokr"])
+    torch.testing.assert_close(logits(model, ids), logits(mixed, ids), atol=1e-5, rtol=0)
+    assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["loha", "lokr"]
+    merge_deltas(model)
+    torch.testing.assert_close(logits(model, ids), logits(mixed, ids), atol=1e-5, rtol=0)
+    detach_loha(model)  # unmerges LoHa's delta only
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert list(q_proj.adapters) == q_proj.merged == ["lokr"]
+    expected = base.model.layers[0].self_attn.q_proj.weight + q_proj.adapters["lokr"].delta_weight()
+    torch.testing.assert_close(q_proj.base_weight(), expected, atol=1e-6, rtol=0)
+
+
+def mixed_model(base: nn.Module, *adapters) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+    """PEFT's mixed model over a copy of `base` with `adapters` ((name, peft config), …) all active and every trained
+    tensor random, and each adapter's tensors as the engine takes them."""
+    import peft
+
+    (first, config), *rest = adapters
+    mixed = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=first, mixed=True)
+    for name, config in rest:
+        mixed.add_adapter(name, config)
+    mixed.set_adapter([name for name, _ in adapters])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in mixed.named_parameters():
+            if any(s in name for s in ("lora_", "hada_", "lokr_")):
+                p.copy_(0.3 * torch.randn_like(p))
+    # a nested adapter's keys run through the outer layer's base_layer
+    strip = lambda k: k.removeprefix("base_model.model.").replace(".base_layer", "")  # noqa: E731
+    return mixed.eval(), {n: {strip(k): v for k, v in peft.get_peft_model_state_dict(mixed, adapter_name=n).items()} for n, _ in adapters}
 
 
 def test_vera_stacked_with_lora_adds_both_deltas(tmp_path):
