@@ -23,13 +23,17 @@ from compose.modules import get_module, replace_module, resolve_path
 
 class Delegating(nn.Module):
     """A wrapper of `self.base_layer` that answers the look-ups it can't (`weight`, `in_features`, ...) from
-    `current_module()`, so code that reads e.g. `q_proj.weight.dtype` keeps working."""
+    `current_module()`, so code that reads e.g. `q_proj.weight.dtype` keeps working.
+
+    Private names stay the wrapped module's own: accelerate marks a module it dispatched with `_hf_hook` /
+    `_old_forward`, and a wrapper that answered those would look hooked (removing the hooks then fails on it).
+    """
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+            if name.startswith("_") or "base_layer" not in self.__dict__.get("_modules", {}):
                 raise
             return getattr(self.current_module(), name)
 

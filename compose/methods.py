@@ -144,10 +144,24 @@ def detach_fusion(model: nn.Module) -> nn.Module:
 
 def merge(model: nn.Module) -> dict:
     """Fold every attached LoRA-form and IA3 adapter into the base weights, in place. Returns, per
-    bitsandbytes module, the extra error of requantizing (`compose.merge.report.QuantError`)."""
+    bitsandbytes module, the extra error of requantizing (`compose.merge.report.QuantError`).
+
+    Raises:
+        CompositionError: an adapted module's weights are offloaded by accelerate (`device_map` with CPU or
+            disk offload): they are not in memory to change, so nothing is merged.
+    """
+    from compose.devices import offloaded
+    from compose.ia3.layer import IA3Layer
     from compose.ia3.model import merge_ia3
     from compose.lora.layer import LoraLayer
 
+    stuck = [path for path, m in model.named_modules() if isinstance(m, (LoraLayer, IA3Layer)) and offloaded(m.base_layer)]
+    if stuck:
+        raise CompositionError(
+            f"cannot merge into '{stuck[0]}' ({len(stuck)} adapted module(s) in all): accelerate offloaded its weights "
+            "(device_map with CPU/disk offload), so they are not in memory to change; load the base without offloading "
+            "to merge, or keep the adapters unmerged (they run on offloaded modules as on loaded ones)"
+        )
     errors = {path: err for path, m in model.named_modules() if isinstance(m, LoraLayer) and (err := m.merge()) is not None}
     merge_ia3(model)
     return errors

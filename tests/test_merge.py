@@ -9,6 +9,7 @@ layers): PEFT's probabilities within its own tolerances and PEFT's dequantized w
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import load_adapter, make_peft_adapter, peft_model, tiny_gpt2, tiny_llama, token_ids
+from tiny import keep_plain_layout, load_adapter, make_peft_adapter, pack_for_cpu, peft_model, round_absmax_to_bf16, tiny_gpt2, tiny_llama, token_ids
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from compose.errors import CompositionError
@@ -288,8 +289,8 @@ def test_requantized_bf16_double_quant_equals_in_memory_merge(tmp_path):
     torch.testing.assert_close(logits(streamed), logits(in_memory), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_in_memory_bnb_merge_and_unmerge_like_peft(quant, tmp_path):
+@pytest.mark.parametrize("quant, layout", [("nf4", "plain"), ("nf4", "packed"), ("int8", "plain")])
+def test_in_memory_bnb_merge_and_unmerge_like_peft(quant, layout, tmp_path):
     base = tiny_llama(hidden=64)
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
@@ -302,10 +303,19 @@ def test_in_memory_bnb_merge_and_unmerge_like_peft(quant, tmp_path):
     ours = load(base_dir, quant)
     attach_lora(ours, "a", *load_adapter(dir_a))
     attach_lora(ours, "b", *load_adapter(dir_b))
+    keep_plain_layout(ours, ref)
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLayer)}
-    original = {n: layer_weight(m.base_layer).clone() for n, m in layers.items()}
     unmerged = logits(ours)
 
+    def packed() -> None:
+        """Before each merge/unmerge: our weights in bitsandbytes' CPU layout, PEFT's in the plain one with the
+        same values (PEFT would read packed data as plain), so both must still agree bit for bit."""
+        if layout == "packed":
+            pack_for_cpu(ours)
+            round_absmax_to_bf16(ref)
+
+    original = {n: layer_weight(m.base_layer).clone() for n, m in layers.items()}
+    packed()
     errors = {n: m.merge() for n, m in layers.items()}
     ref.merge_adapter()
     ref_layers = dict(ref.base_model.model.named_modules())
@@ -322,6 +332,7 @@ def test_in_memory_bnb_merge_and_unmerge_like_peft(quant, tmp_path):
     def drift() -> float:
         return sum((layer_weight(m.base_layer) - original[n]).abs().mean().item() for n, m in layers.items())
 
+    packed()
     assert all(m.unmerge() is not None for m in layers.values())
     ref.unmerge_adapter()
     assert all(torch.equal(layer_weight(m.base_layer), layer_weight(ref_layers[n].base_layer)) for n, m in layers.items())
@@ -329,13 +340,44 @@ def test_in_memory_bnb_merge_and_unmerge_like_peft(quant, tmp_path):
     first = drift()
     assert first > 0
     for _ in range(3):  # no forward in between: the layers' state must follow the new weights by itself
-        for m in layers.values():
-            m.merge()
-            m.unmerge()
+        packed()
+        assert all(m.merge() is not None for m in layers.values())
         ref.merge_adapter()
+        packed()
+        assert all(m.unmerge() is not None for m in layers.values())
         ref.unmerge_adapter()
     assert all(torch.equal(layer_weight(m.base_layer), layer_weight(ref_layers[n].base_layer)) for n, m in layers.items())
     assert drift() > first if quant == "nf4" else drift() >= first  # int8 plateaus after a cycle or two
+
+
+def test_load_merge_forward_unmerge_acts_on_the_packed_weights(tmp_path):
+    """zoo.load(quantize='nf4', merge=True) → a forward (which packs 4-bit weights on AVX512-BF16 CPUs; forced
+    here on every CPU) → zoo.unmerge: each weight is Q(deq(W_packed) − ΔW), and the model is the unmerged one
+    up to that quantization round trip."""
+    import zoo
+
+    base = tiny_llama(hidden=64)
+    base.save_pretrained(tmp_path / "base")
+    adapter = make_peft_adapter(base, tmp_path / "a", r=8, lora_alpha=8, target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
+    deltas = exact_deltas(*load_adapter(adapter))
+    unmerged = logits(zoo.load(tmp_path / "base", [str(adapter)], quantize="nf4"))
+    model = zoo.load(tmp_path / "base", [str(adapter)], quantize="nf4", merge=True)
+    keep_plain_layout(model)  # the forward, then bitsandbytes' packing by hand: the same on every CPU
+    merged = logits(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    twins = {}  # each merged weight as packing leaves it: same codes, absmax rounded to bf16, in the plain layout
+    for n, m in layers.items():
+        state = copy.copy(m.base_layer.weight.quant_state)
+        state.absmax = state.absmax.to(torch.bfloat16).float()
+        twins[n] = bnbf.dequantize_4bit(m.base_layer.weight.data, state)
+    pack_for_cpu(model)
+
+    zoo.unmerge(model)
+    for n, m in layers.items():
+        assert torch.equal(layer_weight(m.base_layer), q_dq(twins[n] - deltas[f"{n}.weight"], "nf4")), n
+    after = logits(model)
+    torch.testing.assert_close(after.softmax(-1), unmerged.softmax(-1), atol=PEFT_PROB_ATOL["nf4"], rtol=0)
+    assert (after - unmerged).abs().max() < 2 * (merged - unmerged).abs().max()  # two round trips' rounding, not wrong weights
 
 
 PEAK_CHILD = textwrap.dedent("""

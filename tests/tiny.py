@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny transformers models built from configs, and PEFT adapters made for them.
+"""Shared test helpers: tiny transformers models built from configs, PEFT adapters made for them, and the
+layout of bitsandbytes 4-bit weights chosen by hand (it differs between CPUs).
 
 PEFT is the oracle: `make_peft_adapter` trains nothing but saves an adapter whose every tensor
 matters (`init_lora_weights=False` so B ≠ 0; DoRA magnitudes and `modules_to_save` copies are
@@ -156,3 +157,31 @@ def random_peft_adapter(base: nn.Module, out_dir: str | Path, peft_config, seed:
         model.peft_config["default"].rank_pattern = {n: (torch.rand(peft_config.init_r, generator=gen) < 0.6).tolist() for n in names}
     model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def linear4bit_layers(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes 4-bit Linear layers of `model`."""
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+
+
+def keep_plain_layout(*models: nn.Module) -> None:
+    """No repacking at forward: bitsandbytes packs 4-bit weights for its CPU kernel only where the CPU has
+    AVX512-BF16 (it reads this flag), so the tests choose the layout themselves on every machine."""
+    for model in models:
+        for layer in linear4bit_layers(model):
+            layer.support_avx512bf16_for_cpu = False
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """What `Linear4bit.forward` does to each weight at its first no-grad forward on an AVX512-BF16 CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    for layer in linear4bit_layers(model):
+        if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+
+
+def round_absmax_to_bf16(model: nn.Module) -> None:
+    """The plain-layout twin of `pack_for_cpu`: same codes, absmax rounded to bf16 as packing rounds it."""
+    for layer in linear4bit_layers(model):
+        layer.weight.quant_state.absmax = layer.weight.quant_state.absmax.to(torch.bfloat16).float()

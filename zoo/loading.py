@@ -192,9 +192,10 @@ def load(
         mixed: multi-LoRA batches — `model(ids, adapter_ids=t)` / `model.generate(ids, adapter_ids=t)` runs
             row i with adapter `adapters[t[i]]` (−1: the base), one batched product per module (`compose.lora.mixed`).
         quantize: 'nf4' | 'fp4' | 'int8' loads the base quantized by bitsandbytes (QLoRA's setting).
-        merge: fold the LoRA deltas into the base weights (no adapter cost at inference).
+        merge: fold the LoRA deltas into the base weights (no adapter cost at inference); refused for
+            modules whose weights accelerate offloaded (CPU/disk offload in `device_map`).
         dtype, device_map, quantization_config: passed to transformers' `from_pretrained` unchanged, so a
-            base sharded by accelerate or loaded in 4-bit works the same way.
+            base sharded or offloaded by accelerate, or loaded in 4-bit, works the same way.
 
     Returns the transformers model in eval mode, ready for `forward`/`generate`; `zoo.detach(model)`
     takes the adapters off again.

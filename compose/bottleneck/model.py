@@ -30,6 +30,7 @@ from compose.bottleneck.layer import (
     activation,
     expected_shapes,
 )
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.families import Family, detect_family
 from compose.modules import resolve_path
@@ -121,8 +122,7 @@ def install_bottleneck(model: nn.Module, plan: BottleneckPlan, owner: str) -> No
             site = BottleneckSite(plan.family.post_ln, torch.float64 if parameter.dtype == torch.float64 else torch.float32)
             layer.add_module(location, site)
             site.handles = _hook(layer, plan.family, location, site)
-        device = next(p.device for p in layer.parameters())
-        site.adapters[plan.name] = Bottleneck(plan.config, tensors, site.dtype).to(device)
+        site.adapters[plan.name] = Bottleneck(plan.config, tensors, site.dtype).to(execution_device(layer))
     reg["adapters"][plan.name] = (plan.config, owner)
     set_active_bottlenecks(model, reg["active"] + [plan.name])
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from compose.bottleneck.layer import BottleneckSite
 from compose.bottleneck.model import set_active_bottlenecks
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.fusion.config import FusionConfig
 from compose.fusion.layer import FusionLayer
@@ -67,7 +68,7 @@ def attach_fusion(model: nn.Module, name: str, config: FusionConfig, state: dict
     generator = torch.Generator().manual_seed(seed)
     fusions = {
         path: FusionLayer(base_features(layer.base_layer)[1], config.temperature, generator=generator,
-                          dtype=adapter_dtype(layer.base_layer), device=layer.base_layer.weight.device)
+                          dtype=adapter_dtype(layer.base_layer), device=execution_device(layer.base_layer))
         for path, layer in layers.items()
     }
     if state is not None:

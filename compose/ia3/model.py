@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.ia3.config import IA3Config
@@ -185,7 +186,7 @@ def _check_vector(model: nn.Module, key: str, vector: torch.Tensor, config: IA3C
             f"module '{path}': IA3 adapters {list(module.vectors)} scale its {side[module.feedforward]} but this one its {side[feedforward]}; "
             "adapters on one module must agree (feedforward_modules)"
         )
-    return path, vector.to(device=base.weight.device, dtype=adapter_dtype(base)), feedforward
+    return path, vector.to(device=execution_device(base), dtype=adapter_dtype(base)), feedforward
 
 
 def _registry(model: nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.heads import attach_heads, detach_heads, prepare_heads, resolve_module, set_active_heads
 from compose.lora.config import LoraConfig
@@ -175,7 +176,7 @@ def _make_adapter(model: nn.Module, key: str, tensors: dict, config: LoraConfig)
     for field, t in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
         if t is not None and t.shape != (n_out,):
             raise CompositionError(f"module '{path}': {field} has shape {tuple(t.shape)}, expected ({n_out},) for the base's {n_out} outputs")
-    dtype, device = adapter_dtype(base), base.weight.device
+    dtype, device = adapter_dtype(base), execution_device(base)  # an offloaded base's weight is on meta
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     # patterns (rank/alpha) name modules as the adapter was trained, so match on `key`, not `path`
     return path, LoraAdapter(cast(a), cast(b), config.scaling_for(key), cast(bias), cast(magnitude))

@@ -8,10 +8,16 @@
 
 A QLoRA adapter was trained against deq(Q(W)), so the exact merge is deq(Q(W)) + ΔW; quantizing that
 again adds a rounding error of its own, which `QuantError.between` measures.
+
+On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight in place at its first no-grad
+forward (`_convert_weight_packed_for_cpu`): the codes are reordered for its bf16 kernel and absmax is
+rounded to bf16 and transposed, with `quant_state.dtype` relabelled bf16. `plain_4bit` reads either
+layout back as the standard one, with the absmax that kernel multiplies by.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import bitsandbytes as bnb
@@ -33,11 +39,34 @@ def quantize(weight: torch.Tensor, method: str, double_quant: bool = False) -> t
     return bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=method, quant_storage=torch.uint8)
 
 
+def is_packed(state: Any) -> bool:
+    """Whether a 4-bit QuantState is in bitsandbytes' CPU kernel layout (see the module docstring)."""
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def plain_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """A 4-bit weight's (codes, QuantState) in bitsandbytes' standard layout, whichever layout it is in;
+    the layer's own tensors are left as they are.
+
+    A packed weight's codes come back exactly through bitsandbytes' inverse; its absmax is taken as the
+    packed state holds it (the bf16 values the kernel multiplies by, one per block again, non-nested),
+    since the fp32 absmax it was rounded from is gone. (The inverse's own absmax is not usable: 0.50
+    leaves a non-nested one transposed, and quantizes a nested one again.)
+    """
+    if not is_packed(state):
+        return data, state
+    codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))  # it rewrites the state it is given
+    absmax = state.absmax.T.reshape(-1).float()  # packed: (in / blocksize, out) bf16
+    return codes, bnbf.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                                  quant_type=state.quant_type, dtype=state.original_dtype)
+
+
 def dequantize(data: torch.Tensor, state: Any) -> torch.Tensor:
-    """deq(Q(W)) from `quantize`'s output (4-bit: in the quantized weight's dtype; int8: fp32)."""
+    """deq(Q(W)) from `quantize`'s output or a layer's weight in either 4-bit layout (4-bit: in the
+    quantized weight's dtype; int8: fp32)."""
     if isinstance(state, torch.Tensor):
         return bnbf.int8_vectorwise_dequant(data, state)
-    return bnbf.dequantize_4bit(data, state)
+    return bnbf.dequantize_4bit(*plain_4bit(data, state))
 
 
 def serialized(module: str, data: torch.Tensor, state: Any) -> dict[str, torch.Tensor]:
@@ -52,11 +81,13 @@ def serialized(module: str, data: torch.Tensor, state: Any) -> dict[str, torch.T
 def requantize_layer(layer: nn.Module, exact: torch.Tensor) -> QuantError:
     """Replace the weight of bitsandbytes `layer` by Q(exact) with the layer's own settings (4-bit: quant
     type, block size, double quantization and dtype; 8-bit: fp16 rows), and return the rounding error
-    |deq(Q(exact)) − exact| that this adds."""
+    |deq(Q(exact)) − exact| that this adds. The new weight is in the standard layout (bitsandbytes packs
+    it again at its next forward where it would)."""
     old = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
         method = old.quant_type
-        data, state = quantize(exact.to(old.quant_state.dtype), method, old.compress_statistics)
+        dtype = old.quant_state.original_dtype if is_packed(old.quant_state) else old.quant_state.dtype
+        data, state = quantize(exact.to(dtype), method, old.compress_statistics)
         layer.weight = bnb.nn.Params4bit(
             data, requires_grad=False, quant_state=state, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
             quant_type=method, quant_storage=old.quant_storage, module=layer, bnb_quantized=True,

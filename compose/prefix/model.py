@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.prefix.config import PrefixConfig
 from compose.prompt.model import (
@@ -98,7 +99,7 @@ def attach_prefix(model: nn.Module, name: str, config: PrefixConfig, state: dict
             f"has {expected} (KV heads under GQA); the adapter was trained for a different model"
         )
     registry = install_registry(model, name, "prefix", heads, _inject_prefix)
-    device = next(model.parameters()).device
+    device = execution_device(model.get_input_embeddings())  # where the first layer's inputs are
     registry["prefixes"][name] = (config, [(k.detach().to(device), v.detach().to(device)) for k, v in kv])
     _concatenate(registry)
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from compose.devices import execution_device
 from compose.errors import CompositionError
 from compose.heads import attach_heads, detach_heads, prepare_heads
 from compose.prompt.config import PromptConfig
@@ -67,7 +68,7 @@ def attach_prompt(model: nn.Module, name: str, config: PromptConfig, state: dict
     if embeddings.embedding_dim != config.token_dim:
         raise CompositionError(f"prompt '{name}' has token_dim {config.token_dim} but {type(model).__name__}'s input embeddings are {embeddings.embedding_dim} wide; the adapter was trained for a different model")
     registry = install_registry(model, name, "prompt", heads, _prepend_prompt)
-    registry["prompts"][name] = prompt.detach().to(embeddings.weight.device)
+    registry["prompts"][name] = prompt.detach().to(execution_device(embeddings))
     _concatenate(registry)
 
 
