@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compose.devices import execution_device, offloaded
 from compose.errors import CompositionError
 from compose.heads import Delegating, SavedModule, attach_heads, detach_heads, prepare_heads, resolve_module
 from compose.lora.config import LoraConfig
@@ -160,8 +161,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
 
 
 def cast_for(base: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` as an adapter on `base` holds it: fp32 (fp64 over fp64 bases), on the base's device."""
-    return tensor.to(device=base.weight.device, dtype=adapter_dtype(base))
+    """`tensor` as an adapter on `base` holds it: fp32 (fp64 over fp64 bases), on the device the base computes on
+    (`compose.devices.execution_device`: an offloaded base's weight is on meta)."""
+    return tensor.to(device=execution_device(base), dtype=adapter_dtype(base))
 
 
 def attach_delta(
@@ -249,10 +251,21 @@ def attached_deltas(model: nn.Module) -> dict[str, str]:
 
 def merge_deltas(model: nn.Module) -> None:
     """Fold every attached delta adapter into its base weight, in place, so the model runs as the base alone:
-    the weights PEFT's `merge_and_unload` leaves."""
-    for m in model.modules():
-        if isinstance(m, DeltaLayer):
-            m.merge()
+    the weights PEFT's `merge_and_unload` leaves.
+
+    Raises:
+        [`CompositionError`]: an adapted module's weights are offloaded by accelerate, so not in memory to change
+            (nothing is merged then).
+    """
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, DeltaLayer)]
+    stuck = [path for path, m in layers if offloaded(m.base_layer)]
+    if stuck:
+        raise CompositionError(
+            f"cannot merge into '{stuck[0]}': accelerate offloaded its weights (device_map with CPU/disk offload); "
+            "load the base without offloading to merge, or keep the adapters unmerged"
+        )
+    for _, m in layers:
+        m.merge()
 
 
 def unmerge_deltas(model: nn.Module) -> None:

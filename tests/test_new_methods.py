@@ -334,3 +334,27 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     assert attached_deltas(model) == {"a": "loha"}
     with pytest.raises(CompositionError, match="is a DeltaLayer"):  # compose.lora wraps only plain modules: attach LoRA first
         attach_lora(model, "l", LoraConfig(r=1, lora_alpha=1), {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 32), "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 1)})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_offloaded_base(tmp_path, method):
+    """On a base accelerate offloads to disk the adapter gives what it gives on the base loaded whole (its tensors
+    on the execution device, not beside the meta weights); merging into offloaded modules is refused."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    whole = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu").eval()
+    kwargs = {k: v for k, v in CASES[(method, "llama")].items() if k not in ("rank_pattern", "alpha_pattern")}
+    adapter = random_peft_adapter(whole, tmp_path / "adapter", getattr(peft, METHODS[method][3])(**kwargs), seed=0)
+    spread = LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert any(p.device.type == "meta" for p in spread.parameters())
+    for model in (whole, spread):
+        METHODS[method][1](model, "a", *read(adapter, method))
+    torch.testing.assert_close(logits(spread, token_ids()), logits(whole, token_ids()), atol=1e-5, rtol=0)
+    with pytest.raises(CompositionError, match="accelerate offloaded its weights"):
+        merge_deltas(spread)

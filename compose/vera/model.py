@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compose.delta import DeltaAdapter, attach_delta, cast_for, detach_delta
+from compose.devices import execution_device
 from compose.lora.layer import base_features
 from compose.vera.config import VeraConfig
 from compose.vera.layer import VeraAdapter, random_projections
@@ -45,7 +46,7 @@ def attach_vera(model: nn.Module, name: str, config: VeraConfig, state: dict[str
         adapters = {}
         for key, (path, base) in targets.items():
             n_in, n_out = base_features(base)
-            where = (base.weight.device, base.weight.dtype)
+            where = (execution_device(base), base.weight.dtype)
             projections = cast.setdefault(where, {k: cast_for(base, t) for k, t in shared.items()})
             vectors = {n: cast_for(base, t) for n, t in modules[key].items()}
             adapters[path] = VeraAdapter(vectors, projections["vera_A"][:, :n_in], projections["vera_B"][:n_out, :])
