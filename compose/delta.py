@@ -28,7 +28,7 @@ from compose.errors import CompositionError
 from compose.heads import Delegating, SavedModule, attach_heads, detach_heads, prepare_heads, resolve_module
 from compose.lora.config import LoraConfig
 from compose.lora.layer import LoraLayer, adapter_dtype, base_features, base_kind
-from compose.lora.weighted import _truncate
+from compose.lora.lowrank import split_factors
 from compose.modules import get_module, replace_module
 
 
@@ -293,7 +293,7 @@ def delta_to_lora(delta: torch.Tensor, rank: int | float) -> tuple[torch.Tensor,
     if isinstance(rank, float):
         # the smallest k with Σ_{i<k} sᵢ² ≥ rank·Σ sᵢ² (PEFT's _find_cutoff_index)
         rank = int(torch.searchsorted(energy.cumsum(0), rank * energy.sum()).item()) + 1
-    A, B = _truncate(U, S, Vh, rank)
+    A, B = split_factors(U, S, Vh, rank)
     total = energy.sum().item()
     return A, B, (energy[rank:].sum().item() / total) ** 0.5 if total > 0 else 0.0
 

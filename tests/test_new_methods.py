@@ -242,7 +242,7 @@ def test_vera_stacked_with_lora_adds_both_deltas(tmp_path):
     both_merged = peft_model(peft_model(base, vera).merge_and_unload(), lora).merge_and_unload()
 
     model = copy.deepcopy(base)
-    lora_config = engine_config(LoraConfig, json.loads((lora / "adapter_config.json").read_text()))
+    lora_config = engine_config(LoraConfig, json.loads((lora / "adapter_config.json").read_text()) | {"init_lora_weights": None})  # True: the ordinary init
     attach_lora(model, "lora", lora_config, strip_prefix(load_file(lora / "adapter_model.safetensors")))
     attach_vera(model, "vera", *read(vera, "vera"))
     torch.testing.assert_close(logits(model, ids), logits(both_merged, ids), atol=1e-5, rtol=0)
