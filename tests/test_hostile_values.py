@@ -257,7 +257,9 @@ def test_an_integer_too_long_to_convert_is_one_line(tmp_path, zoo_cli):
 
 
 def test_showing_a_long_task_is_fast(tmp_path, zoo_cli):
-    assert zoo_cli("add", write_adapter(tmp_path / "a", 1), "--name", "a", "--task", "x" * 40_000)[0] == 0
+    code, _, err = zoo_cli("add", write_adapter(tmp_path / "b", 1), "--name", "b", "--task", "x" * 40_000)
+    assert code == 2 and err.count("\n") == 1 and "task" in err  # 40,000 characters: refused (at most 1,000)
+    assert zoo_cli("add", write_adapter(tmp_path / "a", 1), "--name", "a", "--task", "x" * 1_000)[0] == 0
     for command in (["show", "a"], ["list"]):
         start = time.perf_counter()
         code, out, err = zoo_cli(*command)

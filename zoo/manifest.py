@@ -12,7 +12,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from compose.adalora.config import AdaLoraConfig
 from compose.bottleneck.config import BottleneckConfig
@@ -141,11 +141,11 @@ def _check_utf8(value: Any) -> None:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number of a manifest survives JSON
 
-    @field_validator("*", mode="after")
+    @model_validator(mode="before")
     @classmethod
-    def _utf8(cls, value: Any) -> Any:
-        _check_utf8(value)  # every string of a manifest survives JSON too
-        return value
+    def _utf8(cls, data: Any) -> Any:
+        _check_utf8(data)  # every string of a manifest survives JSON too (checked before pydantic's own str checks)
+        return data
 
 
 class BaseModelRef(_Strict):
